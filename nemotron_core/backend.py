@@ -1,0 +1,105 @@
+"""BackendConfig: which implementation runs each op, and discovery of the optional fast kernels.
+
+Every op has a plain-PyTorch reference (``nemotron_core.ops``). ``"auto"`` picks the fastest
+implementation that is installed and applicable (mamba_ssm's Triton kernels need CUDA); an explicit
+choice that cannot run raises instead of silently falling back.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+ATTN_CHOICES = ("auto", "sdpa", "eager")
+EXPERTS_CHOICES = ("grouped", "loop")
+MAMBA_CHOICES = ("auto", "torch", "triton")
+NORM_CHOICES = ("torch", "te")
+LINEAR_CHOICES = ("torch", "te")
+
+
+@dataclass
+class BackendConfig:
+    """Implementation choice per op. Fields mirror NeMo AutoModel's BackendConfig where they overlap."""
+
+    attn: str = "auto"
+    linear: str = "torch"
+    rms_norm: str = "torch"
+    experts: str = "grouped"
+    mamba: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, choices in (
+            ("attn", ATTN_CHOICES), ("linear", LINEAR_CHOICES), ("rms_norm", NORM_CHOICES),
+            ("experts", EXPERTS_CHOICES), ("mamba", MAMBA_CHOICES),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                from .errors import InputError
+
+                raise InputError(f"backend {name}={value!r} is not one of {', '.join(choices)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=None)
+def module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def mamba_triton_ops() -> dict[str, Callable] | None:
+    """mamba_ssm's Triton entry points, or None when mamba_ssm is absent.
+
+    A pure-Python mamba_ssm wheel (built without its CUDA extensions) still has the Triton kernels,
+    but its package ``__init__`` imports the compiled selective-scan module; importing the Triton
+    submodules directly sidesteps that.
+    """
+    if not module_available("mamba_ssm"):
+        return None
+    try:
+        ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+        state = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+    except Exception:  # a broken install is the same as none: the reference path still runs
+        return None
+    return {
+        "chunk_scan": ssd.mamba_chunk_scan_combined,
+        "state_update": state.selective_state_update,
+    }
+
+
+def resolve_mamba(backend: BackendConfig, device_type: str) -> str:
+    if backend.mamba == "torch":
+        return "torch"
+    usable = device_type == "cuda" and mamba_triton_ops() is not None
+    if backend.mamba == "triton" and not usable:
+        from .errors import InputError
+
+        raise InputError("backend mamba='triton' needs CUDA and the mamba-ssm package (pip install 'nemotron[gpu]')")
+    return "triton" if usable else "torch"
+
+
+def resolve_attn(backend: BackendConfig, device_type: str) -> str:
+    if backend.attn == "auto":
+        return "sdpa"
+    return backend.attn
+
+
+def describe_backends() -> dict[str, Any]:
+    """What `nemotron env` reports: which fast paths could be active on this machine."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "cuda": cuda,
+        "mamba_triton": cuda and mamba_triton_ops() is not None,
+        "flex_attention": module_available("torch.nn.attention.flex_attention"),
+        "grouped_mm": hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm"),
+        "transformer_engine": module_available("transformer_engine"),
+    }

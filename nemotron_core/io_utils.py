@@ -1,0 +1,75 @@
+"""Small torch-free helpers for files: sizes, atomic output directories."""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputError, OutputExistsError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """``"5GB"``, ``"500MiB"``, ``"1e6"`` or an int -> bytes."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise InputError(f"size must be positive, got {value}")
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m[2].upper() not in _UNITS:
+        raise InputError(f"cannot read size {value!r}; use e.g. 500MB, 2GB or 1GiB")
+    n = int(float(m[1]) * _UNITS[m[2].upper()])
+    if n <= 0:
+        raise InputError(f"size must be positive, got {value!r}")
+    return n
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse a non-empty existing output (or a file in the way) unless ``force``."""
+    p = Path(path)
+    if p.exists() and not force:
+        if not p.is_dir():
+            raise OutputExistsError(f"{p} exists and is not a directory; pass --force to replace it")
+        if any(p.iterdir()):
+            raise OutputExistsError(f"{p} exists and is not empty; pass --force to replace it")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+
+    An exception or interrupt removes the temporary directory and leaves ``path`` untouched, so a
+    user never finds a half-written model where a complete one (or nothing) was."""
+    final = check_output_dir(path, force).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = None
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, backup)
+    os.replace(tmp, final)
+    if backup is not None:
+        if backup.is_dir():
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            backup.unlink()

@@ -1,0 +1,118 @@
+"""The Mamba2 block (``M``).
+
+in_proj -> [z | xBC | dt]; xBC -> causal depthwise conv + SiLU -> [x | B | C]; SSD scan with
+dt = softplus(dt + dt_bias) and A = -exp(A_log); y += D x; y = RMSNormGated(y, z); out_proj.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..backend import BackendConfig, mamba_triton_ops, resolve_mamba
+from ..ops.conv import causal_conv1d, causal_conv1d_step
+from ..ops.ssd import ssd_scan, ssd_step
+from .norms import GatedRMSNorm
+
+
+def _zero_padding(x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    # Padding must not feed the recurrence: zero it before the projection and after the conv.
+    return x if padding_mask is None else x * padding_mask[..., None].to(x.dtype)
+
+
+class Mamba2(nn.Module):
+    def __init__(self, config, layer_idx: int, backend: BackendConfig) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.backend = backend
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.n_groups = config.n_groups
+        self.state_size = config.ssm_state_size
+        self.chunk_size = config.chunk_size
+        self.d_inner = config.mamba_d_inner
+        self.conv_dim = config.mamba_conv_dim
+        self.dt_limit = config.dt_limit
+        self.time_step = (config.time_step_min, config.time_step_max, config.time_step_floor)
+        h = config.hidden_size
+        self.in_proj = nn.Linear(h, self.d_inner + self.conv_dim + self.num_heads, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim,
+                                padding=config.conv_kernel - 1, bias=config.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.d_inner, h, bias=config.use_bias)
+
+    def forward(self, hidden: torch.Tensor, meta, cache=None) -> torch.Tensor:
+        b, s, _ = hidden.shape
+        z, xbc, dt = self.in_proj(_zero_padding(hidden, meta.padding_mask)).split(
+            [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        conv_w = self.conv1d.weight.squeeze(1)
+        state = cache.mamba_state(self.layer_idx) if cache is not None else None
+        continuing = state is not None and meta.past_len > 0
+
+        if continuing and s == 1:  # decode: O(1) state update
+            xbc = causal_conv1d_step(xbc[:, 0], state.conv, conv_w, self.conv1d.bias)
+            x, B, C = self._split_xbc(xbc)
+            y = self._step(state.ssm, x.view(b, self.num_heads, self.head_dim), dt[:, 0], A,
+                           B.view(b, self.n_groups, -1), C.view(b, self.n_groups, -1))
+            y = y.view(b, 1, self.d_inner)
+        else:
+            xbc, conv_final = causal_conv1d(xbc, conv_w, self.conv1d.bias, meta.seq_idx,
+                                            state.conv if continuing else None)
+            x, B, C = self._split_xbc(_zero_padding(xbc, meta.padding_mask))
+            y, ssm_final = self._scan(
+                x.view(b, s, self.num_heads, self.head_dim), dt, A,
+                B.view(b, s, self.n_groups, -1), C.view(b, s, self.n_groups, -1),
+                meta.seq_idx, state.ssm if continuing else None)
+            if state is not None:
+                state.conv.copy_(conv_final)
+                state.ssm.copy_(ssm_final)
+            y = y.reshape(b, s, self.d_inner)
+        return self.out_proj(self.norm(y, z).to(hidden.dtype))
+
+    def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gn = self.n_groups * self.state_size
+        return xbc.split([self.d_inner, gn, gn], dim=-1)
+
+    def _scan(self, x, dt, A, B, C, seq_idx, initial_state):
+        if resolve_mamba(self.backend, x.device.type) == "triton":
+            y, final = mamba_triton_ops()["chunk_scan"](
+                x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                dt_limit=self.dt_limit, seq_idx=seq_idx, initial_states=initial_state, return_final_states=True)
+            return y, final
+        return ssd_scan(x, dt, A, B, C, self.chunk_size, self.D, self.dt_bias, self.dt_limit, seq_idx, initial_state)
+
+    def _step(self, ssm_state, x, dt, A, B, C):
+        if resolve_mamba(self.backend, x.device.type) == "triton" and self.dt_limit == (0.0, float("inf")):
+            p, n = self.head_dim, self.state_size
+            return mamba_triton_ops()["state_update"](
+                ssm_state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n), B, C,
+                D=self.D[:, None].expand(-1, p), dt_bias=self.dt_bias[:, None].expand(-1, p), dt_softplus=True)
+        return ssd_step(ssm_state, x, dt, A, B, C, self.D, self.dt_bias, self.dt_limit)
+
+    @torch.no_grad()
+    def reset_parameters(self, num_layers: int, std: float, rescale: bool) -> None:
+        """FACTS.md init: A_log = log(1..H), D = 1, dt_bias = softplus^-1(dt), dt log-uniform."""
+        device = self.A_log.device
+        self.A_log.copy_(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32, device=device)))
+        self.D.fill_(1.0)
+        lo, hi, floor = self.time_step
+        dt = torch.exp(torch.rand(self.num_heads, device=device) * (math.log(hi) - math.log(lo)) + math.log(lo))
+        dt = dt.clamp(min=floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.conv1d.reset_parameters()
+        nn.init.normal_(self.in_proj.weight, std=std)
+        for lin in (self.in_proj, self.out_proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        if rescale:
+            # GPT-2 scheme: residual output projections scaled by 1/sqrt(depth).
+            nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+            self.out_proj.weight.div_(math.sqrt(num_layers))
+        else:
+            nn.init.normal_(self.out_proj.weight, std=std)
+        self.norm.reset_parameters()

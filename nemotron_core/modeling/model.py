@@ -1,0 +1,383 @@
+"""NemotronV3Model (the backbone) and NemotronHForCausalLM (backbone + lm_head [+ MTP head]).
+
+The public surface follows NeMo AutoModel's ``nemotron_v3`` model page. The forward reads like the
+math; parallelism (FSDP2, activation checkpointing, pipeline stages) is applied from outside.
+In-memory names follow that page (``model.embed_tokens``, ``model.layers.N``, ``model.norm``); the
+Hugging Face checkpoint names (``backbone.embeddings`` ...) are a rename in ``checkpoint.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..backend import BackendConfig
+from ..batch import BatchMeta, causal_bool_mask, make_batch_meta
+from ..config import ATTENTION, MAMBA, MLP as MLP_T, MOE, NemotronHConfig
+from ..dtypes import cast_model
+from ..errors import InputError
+from .attention import Attention
+from .mamba2 import Mamba2
+from .mlp import MLP
+from .moe import MoE
+from .norms import RMSNorm
+
+
+def make_mixer(block_type: str, config: NemotronHConfig, layer_idx: int, backend: BackendConfig) -> nn.Module:
+    if block_type == MAMBA:
+        return Mamba2(config, layer_idx, backend)
+    if block_type == ATTENTION:
+        return Attention(config, layer_idx, backend)
+    if block_type == MLP_T:
+        return MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+    if block_type == MOE:
+        return MoE(config, experts_impl=backend.experts)
+    raise InputError(f"unknown block type {block_type!r}")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block holding exactly one mixer: ``x + mixer(RMSNorm(x))``."""
+
+    def __init__(self, config: NemotronHConfig, layer_idx: int, block_type: str, backend: BackendConfig) -> None:
+        super().__init__()
+        self.block_type = block_type
+        self.layer_idx = layer_idx
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = make_mixer(block_type, config, layer_idx, backend)
+
+    def forward(self, x: torch.Tensor, meta: BatchMeta, cache=None) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), meta, cache)
+
+
+@torch.no_grad()
+def init_block(block: Block, config: NemotronHConfig, num_layers: int) -> None:
+    std = config.initializer_range
+    block.norm.reset_parameters()
+    mixer = block.mixer
+    if isinstance(mixer, Mamba2):
+        mixer.reset_parameters(num_layers, std, config.rescale_prenorm_residual)
+        return
+    if isinstance(mixer, MoE):
+        mixer.gate.reset_parameters(std)
+        mixer.experts.reset_parameters(std)
+    for m in mixer.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class NemotronV3Model(nn.Module):
+    """NemotronV3 base model (without LM head): embeddings, hybrid blocks, final norm."""
+
+    def __init__(self, config: NemotronHConfig, backend: BackendConfig | None = None,
+                 moe_config: Any = None, moe_overrides: dict | None = None) -> None:
+        super().__init__()
+        if moe_overrides:
+            config = _with_overrides(config, moe_overrides)
+        self.config = config
+        self.backend = backend or BackendConfig()
+        self.moe_config = moe_config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # A ModuleDict keyed by the layer index keeps checkpoint names stable when a pipeline
+        # splitter removes the layers another stage owns.
+        self.layers = nn.ModuleDict({
+            str(i): Block(config, i, t, self.backend) for i, t in enumerate(config.layers_block_type)
+        })
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        causal_mask_mapping: dict[str, torch.Tensor] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values=None,
+        cache_position: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Supports BSHD ``[B, S]`` and THD ``[T]`` / ``[1, T]`` with ``cu_seqlens``; returns hidden states."""
+        if self.embed_tokens is None:  # a later pipeline stage receives hidden states
+            inputs_embeds, input_ids = input_ids, None
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+            check_token_ids(input_ids, self.config.vocab_size)
+            hidden = self.embed_tokens(input_ids)
+        else:
+            hidden = inputs_embeds if inputs_embeds.dim() == 3 else inputs_embeds[None]
+        meta = kwargs.get("batch_meta")
+        if meta is None:
+            meta = self.batch_meta(hidden.shape[0], hidden.shape[1], hidden.device, attention_mask,
+                                   past_key_values, **kwargs)
+        sink = kwargs.get("hidden_states_sink")
+        for layer in self.layers.values():
+            if sink is not None:
+                sink.append(hidden)
+            hidden = layer(hidden, meta, past_key_values)
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        if sink is not None:
+            sink.append(hidden)
+        return hidden
+
+    def batch_meta(self, batch_size: int, seq_len: int, device: torch.device, attention_mask=None, cache=None,
+                   **kwargs: Any) -> BatchMeta:
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise InputError("attention_mask must be a 2-D padding mask [batch, seq]")
+        return make_batch_meta(
+            batch_size, seq_len, device,
+            attention_mask=attention_mask,
+            padding_mask=kwargs.get("padding_mask"),
+            past_len=cache.get_seq_length() if cache is not None else 0,
+            qkv_format=kwargs.get("qkv_format"),
+            cu_seqlens=kwargs.get("cu_seqlens"),
+            cu_seqlens_padded=kwargs.get("cu_seqlens_padded"),
+            max_seqlen=kwargs.get("max_seqlen"),
+            seq_idx=kwargs.get("seq_idx"),
+            position_ids=kwargs.get("position_ids"),
+        )
+
+    @torch.no_grad()
+    def initialize_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Initialise according to the NemotronV3 spec (guards parts a pipeline split removed)."""
+        std = self.config.initializer_range
+        if self.embed_tokens is not None:
+            nn.init.normal_(self.embed_tokens.weight, std=std)
+        for layer in self.layers.values():
+            init_block(layer, self.config, self.config.num_hidden_layers)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.is_floating_point():
+        raise InputError("input_ids must be integer token ids")
+    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+        return
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise InputError(f"token id {hi if hi >= vocab_size else lo} is outside the vocabulary [0, {vocab_size})")
+
+
+def _with_overrides(config: NemotronHConfig, overrides: dict) -> NemotronHConfig:
+    data = config.to_dict()
+    data.update(overrides)
+    from ..config import config_from_dict
+
+    return config_from_dict(data)
+
+
+@dataclass
+class NemotronHCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus declared MTP fields (declared so FSDP2's output casts keep them)."""
+
+    mtp_per_depth_h: list[torch.Tensor] | None = None
+    mtp_loss_scaling_factor: float | None = None
+
+
+def shift_labels(labels: torch.Tensor, n: int, meta: BatchMeta | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Targets ``n`` positions ahead: ``out[t] = labels[t + n]``, ignored past the end, on padding and
+    (packed batches) where ``t + n`` lies in another document."""
+    if labels.dim() != 2:
+        raise InputError(f"labels must be [batch, seq] (or [T] when packed), got shape {tuple(labels.shape)}")
+    out = F.pad(labels, (0, n), value=ignore_index)[:, n:]
+    if meta is not None and meta.seq_idx is not None:
+        seq = F.pad(meta.seq_idx, (0, n), value=-1)
+        out = out.masked_fill(seq[:, n:] != meta.seq_idx, ignore_index)
+    if meta is not None and meta.padding_mask is not None:
+        out = out.masked_fill(~meta.padding_mask, ignore_index)
+    return out
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                   num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy in fp32 of ``logits[t]`` against already-shifted ``targets[t]``; mean over the
+    scored tokens, or sum / ``num_items_in_batch`` under gradient accumulation."""
+    if targets.shape != logits.shape[:-1]:
+        raise InputError(f"labels shape {tuple(targets.shape)} does not match the logits' {tuple(logits.shape[:-1])}")
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
+                           ignore_index=ignore_index, reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (targets != ignore_index).sum().clamp(min=1)
+    return loss / num_items_in_batch
+
+
+class NemotronHForCausalLM(nn.Module, GenerationMixin):
+    """NemotronV3 model with language modelling head (and the MTP head when configured)."""
+
+    config_class = NemotronHConfig
+    main_input_name = "input_ids"
+    base_model_prefix = "model"
+    _is_stateful = True
+    _supports_cache_class = True
+
+    def __init__(self, config: NemotronHConfig, backend: BackendConfig | None = None,
+                 mtp_loss_scaling_factor: float = 0.1, num_nextn_predict_layers: int | None = None,
+                 mtp_use_repeated_layer: bool = False, **kwargs: Any) -> None:
+        super().__init__()
+        if num_nextn_predict_layers is not None and num_nextn_predict_layers != config.num_nextn_predict_layers:
+            config = _with_overrides(config, {"num_nextn_predict_layers": num_nextn_predict_layers})
+        if mtp_use_repeated_layer:
+            config.mtp_use_repeated_layer = True
+        self.config = config
+        self.backend = backend or BackendConfig()
+        self.mtp_loss_scaling_factor = float(mtp_loss_scaling_factor)
+        self.model = NemotronV3Model(config, self.backend, kwargs.get("moe_config"), kwargs.get("moe_overrides"))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = None
+        if config.num_nextn_predict_layers > 0:
+            from .mtp import MTPHead
+
+            self.mtp = MTPHead(config, self.backend)
+        from transformers import GenerationConfig
+
+        self.generation_config = GenerationConfig.from_model_config(config)
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: NemotronHConfig, backend: BackendConfig | None = None, **kwargs: Any) -> "NemotronHForCausalLM":
+        return cls(config, backend=backend, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *model_args: Any, **kwargs: Any) -> "NemotronHForCausalLM":
+        """Load a local Hugging Face-layout directory (safetensors only; nothing is downloaded).
+
+        Keyword arguments: ``device`` (default cpu), ``dtype``/``torch_dtype`` (default: as stored),
+        ``backend``, and constructor arguments such as ``num_nextn_predict_layers``."""
+        from ..checkpoint import load_pretrained
+
+        return load_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str, max_shard_size: int | str = "5GB",
+                        dtype: torch.dtype | str | None = None, **kwargs: Any) -> None:
+        from ..checkpoint import save_pretrained
+
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size, dtype=dtype)
+
+    @torch.no_grad()
+    def initialize_weights(self, buffer_device: torch.device | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Materialise (if on the meta device) and initialise all weights, then cast to ``dtype``
+        keeping the fp32-only parameters in fp32."""
+        if any(p.is_meta for p in self.parameters()):
+            self.to_empty(device=buffer_device or "cpu")
+        self.model.initialize_weights(buffer_device)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=self.config.initializer_range)
+        if self.mtp is not None:
+            self.mtp.initialize_weights()
+        cast_model(self, dtype)
+
+    # ---- accessors -----------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first model parameter (GenerationMixin needs it)."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first model parameter (used to build caches)."""
+        return next(self.parameters()).dtype
+
+    def num_parameters(self, active: bool = False) -> int:
+        from ..params import count_parameters
+
+        counts = count_parameters(self.config)
+        return counts["active"] if active else counts["total"]
+
+    @staticmethod
+    def _make_causal_mask(query_len: int, kv_len: int, batch_size: int, dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor:
+        """4D additive SDPA mask ``[B, 1, q, kv]``: lower-triangular for prefill, all-visible for a
+        single decode step, offset-causal for chunked prefill (query_len < kv_len)."""
+        allowed = causal_bool_mask(query_len, kv_len, device)
+        mask = torch.zeros(query_len, kv_len, dtype=dtype, device=device)
+        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask[None, None].expand(batch_size, 1, query_len, kv_len)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        *mtp_embed_inputs: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        causal_mask_mapping: dict[str, torch.Tensor] | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> NemotronHCausalLMOutputWithPast:
+        """Forward pass with optional loss. BSHD ``[B, S]`` or THD (``qkv_format="thd"`` with
+        ``cu_seqlens``); ``labels`` are the input ids themselves (shifted here), -100 ignored."""
+        num_items = kwargs.pop("num_items_in_batch", None)
+        if input_ids is not None and input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if labels is not None and labels.dim() == 1:
+            labels = labels[None]
+        sink: list[torch.Tensor] | None = [] if output_hidden_states else None
+        first = input_ids if input_ids is not None else inputs_embeds
+        if first is None:
+            raise InputError("pass input_ids or inputs_embeds")
+        if first.dim() == 1 or (first.dim() == 2 and first.is_floating_point()):
+            first = first[None]
+        meta = self.model.batch_meta(first.shape[0], first.shape[1], first.device, attention_mask, past_key_values,
+                                     padding_mask=padding_mask, position_ids=position_ids, **kwargs)
+        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+                            batch_meta=meta, hidden_states_sink=sink)
+        if past_key_values is not None:
+            past_key_values.advance(hidden.shape[1])
+
+        kept = _keep(hidden, logits_to_keep)
+        logits = self.lm_head(kept)
+        loss = None
+        if labels is not None:
+            full = logits if isinstance(logits_to_keep, int) and logits_to_keep == 0 else self.lm_head(hidden)
+            loss = causal_lm_loss(full, shift_labels(labels, 1, meta), num_items_in_batch=num_items)
+        mtp_h = None
+        if self.mtp is not None and (self.training or kwargs.get("return_mtp", False)) and input_ids is not None:
+            mtp_h, mtp_loss = self.mtp(self, hidden, input_ids, meta, labels, num_items)
+            if mtp_loss is not None and loss is not None:
+                loss = loss + mtp_loss
+        return NemotronHCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+            hidden_states=tuple(sink) if sink is not None else None,
+            mtp_per_depth_h=mtp_h,
+            mtp_loss_scaling_factor=self.mtp_loss_scaling_factor if self.mtp is not None else None,
+        )
+
+
+def _keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    if isinstance(logits_to_keep, int):
+        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+    return hidden[:, logits_to_keep]
+
+
+ModelClass = NemotronHForCausalLM

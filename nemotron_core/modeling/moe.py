@@ -1,0 +1,89 @@
+"""The MoE block (``E``): sigmoid router with correction bias, routed relu2 experts, shared expert.
+
+Routing (DeepSeek-V3 style): scores = sigmoid(x W^T) in fp32; experts are *chosen* by
+``scores + e_score_correction_bias`` (restricted to the best ``topk_group`` groups when
+``n_group > 1``, a group scored by the sum of its top-2), but *weighted* by the unbiased scores,
+normalised to sum 1 when ``norm_topk_prob`` and scaled by ``routed_scaling_factor``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.experts import grouped_experts, loop_experts
+from .mlp import MLP
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, n_experts: int, top_k: int, n_group: int, topk_group: int,
+                 norm_topk_prob: bool, scaling: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_experts, hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(n_experts, dtype=torch.float32))
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[N, H]`` -> (expert ids ``[N, k]``, fp32 weights ``[N, k]``)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            grouped = choice.view(x.shape[0], self.n_group, -1)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        idx = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return idx, weights * self.scaling
+
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+        nn.init.zeros_(self.e_score_correction_bias)
+
+
+class Experts(nn.Module):
+    """Routed experts stacked as ``up_proj [E, inter, in]`` and ``down_proj [E, in, inter]``."""
+
+    def __init__(self, n_experts: int, in_dim: int, inter: int, impl: str = "grouped") -> None:
+        super().__init__()
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter, in_dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, in_dim, inter))
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        fn = grouped_experts if self.impl == "grouped" else loop_experts
+        return fn(x, idx, weights, self.up_proj, self.down_proj)
+
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.up_proj, std=std)
+        nn.init.normal_(self.down_proj, std=std)
+
+
+class MoE(nn.Module):
+    def __init__(self, config, experts_impl: str = "grouped") -> None:
+        super().__init__()
+        h = config.hidden_size
+        latent = config.moe_latent_size
+        self.gate = Router(h, config.n_routed_experts, config.num_experts_per_tok, config.n_group,
+                           config.topk_group, config.norm_topk_prob, config.routed_scaling_factor)
+        self.experts = Experts(config.n_routed_experts, latent or h, config.moe_intermediate_size, experts_impl)
+        self.shared_experts = MLP(h, config.moe_shared_expert_intermediate_size, bias=config.mlp_bias)
+        if latent is not None:
+            # The router sees the full-width x; only the routed experts work in the latent space.
+            self.fc1_latent_proj = nn.Linear(h, latent, bias=config.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(latent, h, bias=config.mlp_bias)
+        else:
+            self.fc1_latent_proj = self.fc2_latent_proj = None
+
+    def forward(self, x: torch.Tensor, meta=None, cache=None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        idx, weights = self.gate(flat)
+        routed = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)
+        routed = self.experts(routed, idx, weights)
+        if self.fc2_latent_proj is not None:
+            routed = self.fc2_latent_proj(routed)
+        return routed.view_as(x) + self.shared_experts(x)

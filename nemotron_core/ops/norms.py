@@ -1,0 +1,21 @@
+"""RMSNorm and the gated, grouped RMSNorm of the Mamba2 mixer (plain PyTorch references)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in fp32, multiply by the weight in fp32, cast back to the input dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * h).to(x.dtype)
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """``norm(y * silu(z))`` with the variance taken over groups of ``group_size`` channels."""
+    h = y.float() * F.silu(z.float())
+    shape = h.shape
+    h = h.view(*shape[:-1], shape[-1] // group_size, group_size)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * h.view(shape)).to(y.dtype)
