@@ -49,6 +49,14 @@ def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
     return p
 
 
+def _apply_umask(root: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
@@ -63,6 +71,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _apply_umask(tmp)  # mkdtemp makes 0700; give the result the permissions a plain mkdir would
     backup = None
     if final.exists():
         backup = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -364,14 +364,20 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
             mtp_h, mtp_loss = self.mtp(self, hidden, input_ids, meta, labels, num_items)
             if mtp_loss is not None and loss is not None:
                 loss = loss + mtp_loss
+        cache_out = past_key_values if use_cache or past_key_values is not None else None
         return NemotronHCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+            **{_CACHE_FIELD: cache_out},
             hidden_states=tuple(sink) if sink is not None else None,
             mtp_per_depth_h=mtp_h,
             mtp_loss_scaling_factor=self.mtp_loss_scaling_factor if self.mtp is not None else None,
         )
+
+
+# transformers renamed the output's cache field from past_key_values to cache (5.2x); use whichever
+# this version declares so no deprecation path runs.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

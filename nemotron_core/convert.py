@@ -1,0 +1,73 @@
+"""Convert a model directory: cast, reshard, carry the tokenizer, optionally verify by reloading."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import copy_side_files, load_pretrained, save_pretrained, stored_dtype, weight_files
+from .dtypes import dtype_name, parse_dtype
+from .errors import NemotronError
+from .io_utils import atomic_output_dir, human_bytes
+
+# Relative tolerance on the largest logit when the dtype changes: a cast's rounding, not a bug.
+VERIFY_RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+class VerifyError(NemotronError):
+    """The converted directory does not reproduce the source's logits."""
+
+
+def fixed_input(vocab_size: int, length: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (1, length), generator=g)
+
+
+@torch.no_grad()
+def compare_logits(a, b, ids: torch.Tensor) -> dict[str, float]:
+    la, lb = a(ids).logits.float(), b(ids).logits.float()
+    diff = (la - lb).abs().max().item()
+    scale = la.abs().max().item() or 1.0
+    return {"max_abs_diff": diff, "max_rel_diff": diff / scale}
+
+
+def convert_model_dir(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                      max_shard_size: str | int = "5GB", verify: bool = False, force: bool = False) -> dict[str, Any]:
+    from .modeling.model import NemotronHForCausalLM
+
+    src_dtype = stored_dtype(weight_files(src))
+    want = parse_dtype(dtype) or src_dtype
+    model = NemotronHForCausalLM.from_pretrained(src, dtype=want)
+    report: dict[str, Any] = {"source": str(src), "path": str(dst), "source_dtype": dtype_name(src_dtype),
+                              "dtype": dtype_name(want)}
+    with atomic_output_dir(dst, force=force) as tmp:
+        copy_side_files(src, tmp)
+        saved = save_pretrained(model, tmp, max_shard_size=max_shard_size, dtype=want)
+        report.update({"files": saved["files"], "tensors": saved["tensors"], "size_bytes": saved["bytes"],
+                       "size": human_bytes(saved["bytes"])})
+        if verify:
+            report["verify"] = verify_conversion(src, tmp, model, src_dtype, want)
+    return report
+
+
+def verify_conversion(src, out: Path, converted, src_dtype: torch.dtype, want: torch.dtype) -> dict[str, Any]:
+    """Reload the output: it must reproduce the converted model exactly and the source within the
+    rounding of the dtype change."""
+    from .modeling.model import NemotronHForCausalLM
+
+    reloaded = NemotronHForCausalLM.from_pretrained(out)
+    ids = fixed_input(converted.config.vocab_size)
+    exact = compare_logits(converted, reloaded, ids)
+    if exact["max_abs_diff"] != 0.0:
+        raise VerifyError(f"reloaded output differs from the converted weights (max |diff| {exact['max_abs_diff']:.3g})")
+    source = NemotronHForCausalLM.from_pretrained(src, dtype=src_dtype)
+    vs = compare_logits(source, reloaded, ids)
+    tol = 0.0 if want == src_dtype else max(VERIFY_RTOL.get(want, 0.0), VERIFY_RTOL.get(src_dtype, 0.0))
+    vs["tolerance_rel"] = tol
+    vs["ok"] = vs["max_rel_diff"] <= tol
+    if not vs["ok"]:
+        raise VerifyError(f"converted logits differ from the source by {vs['max_rel_diff']:.3g} (relative), "
+                          f"more than the {tol:g} a {dtype_name(src_dtype)}->{dtype_name(want)} cast allows")
+    return vs
