@@ -1,0 +1,1 @@
+complete --command nemotron --no-files --arguments "(env _NEMOTRON_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) nemotron)" --condition "env _NEMOTRON_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) nemotron"

@@ -1,0 +1,84 @@
+"""The ``nemotron`` Typer app: global options and command registration.
+
+Importing this module must not import torch or transformers (``nemotron --help`` has to be
+instant); command modules import heavy libraries inside their function bodies.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Annotated
+
+import typer
+
+from nemotron_cli import __version__
+from nemotron_cli.common import example_epilog, set_debug
+
+# Each module defines `register(app)`. Modules that do not exist yet are skipped, so commands can
+# land one at a time.
+COMMAND_MODULES = ["env", "init", "convert"]
+
+app = typer.Typer(
+    name="nemotron",
+    no_args_is_help=True,
+    add_completion=False,  # scripts are generated into completions/ (python -m nemotron_cli.completions)
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,  # cli_command reports errors; never dump locals on a crash
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=example_epilog("nemotron env", "nemotron --debug env --json > env.json"),
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"nemotron {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True,
+                     help="Print the version and exit."),
+    ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show the traceback when a command fails "
+                                     "(same as NEMOTRON_DEBUG=1)."),
+    ] = False,
+) -> None:
+    """Create, convert, run, fine-tune, evaluate and plan Nemotron-H hybrid models.
+
+    Data goes to stdout (`--json`), messages to stderr. Exit codes: 0 ok, 1 failure,
+    2 bad input or usage, 130 interrupted. `nemotron CMD --help` shows each command's options.
+    """
+    if debug:
+        set_debug(True)
+
+
+def _register_commands(target: typer.Typer) -> None:
+    for name in COMMAND_MODULES:
+        module_name = f"nemotron_cli.commands.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:  # the module exists but one of *its* imports is missing
+                raise
+            continue
+        module.register(target)
+
+
+_register_commands(app)
+
+
+def main() -> None:
+    """Console-script entry point (``nemotron``)."""
+    if os.environ.get("_NEMOTRON_COMPLETE"):
+        # Shell completion request: add_completion=False means Typer did not register its
+        # completion classes, so do it here (only on this path, to keep normal start-up lean).
+        from nemotron_cli.completions import register_completion_classes
+
+        register_completion_classes()
+    # A fixed prog_name keeps usage lines and the completion variable right under `python -m`.
+    app(prog_name="nemotron")

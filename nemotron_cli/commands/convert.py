@@ -1,0 +1,37 @@
+"""``nemotron convert``: cast and reshard a model directory, atomically, optionally verified."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nemotron_cli.common import DType, ForceOpt, JsonOpt, Output, QuietOpt, cli_command, example_epilog
+
+
+def convert(
+    src: Annotated[Path, typer.Argument(help="Source model directory (Hugging Face layout, safetensors).")],
+    dst: Annotated[Path, typer.Argument(help="Output directory (must not exist or be empty, unless --force).")],
+    dtype: Annotated[Optional[DType], typer.Option("--dtype", case_sensitive=False,
+                                                   help="Target dtype (default: as stored). fp32-only tensors stay fp32.")] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB.")] = "5GB",
+    verify: Annotated[bool, typer.Option("--verify", help="Reload the output and compare logits with the source.")] = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a model directory: change dtype, reshard, carry config, generation config and tokenizer."""
+    from nemotron_core.convert import convert_model_dir
+
+    out = Output(json_mode=json_out, quiet=quiet)
+    out.info(f"converting {src} -> {dst} ...")
+    report = convert_model_dir(src, dst, dtype=dtype.value if dtype else None, max_shard_size=max_shard_size,
+                               verify=verify, force=force)
+    out.emit(report)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("convert", epilog=example_epilog(
+        "nemotron convert ./model ./model-bf16 --dtype bf16 --verify",
+        "nemotron convert ./model ./resharded --max-shard-size 500MB --json",
+    ))(cli_command(convert))
