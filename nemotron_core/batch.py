@@ -27,6 +27,7 @@ class BatchMeta:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     position_ids: torch.Tensor | None = None
+    decode_pos: torch.Tensor | None = None  # static-shape decode: device index of the step being written
     _attn_mask: torch.Tensor | None = None
     _attn_mask_built: bool = False
 

@@ -35,6 +35,7 @@ class NemotronHybridCache:
         self.dtype = dtype
         self.device = torch.device(device)
         self.seq_len = 0
+        self.embedded_prefix = 0  # prompt positions that generate() fed as inputs_embeds
         ssm_dtype = _DTYPES.get(str(getattr(config, "mamba_ssm_cache_dtype", "float32")), torch.float32)
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mamba: dict[int, MambaState] = {}
@@ -65,6 +66,14 @@ class NemotronHybridCache:
         vc[:, :, past_len:end] = v
         return kc[:, :, :end], vc[:, :, :end]
 
+    def write_kv_at(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static-shape decode: write one step at device index ``pos`` and return the whole buffers
+        (the caller masks positions not yet written). No host sync, so it can be graph-captured."""
+        kc, vc = self.kv[layer_idx]
+        kc.index_copy_(2, pos, k)
+        vc.index_copy_(2, pos, v)
+        return kc, vc
+
     # ---- bookkeeping ---------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_len
@@ -73,7 +82,9 @@ class NemotronHybridCache:
         self.seq_len += n
 
     def reset(self) -> None:
+        """Zero every state in place (buffers keep their storage, so captured CUDA graphs stay valid)."""
         self.seq_len = 0
+        self.embedded_prefix = 0
         for k, v in self.kv.values():
             k.zero_()
             v.zero_()

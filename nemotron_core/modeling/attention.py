@@ -28,7 +28,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
+        if cache is not None and meta.decode_pos is not None:
+            k, v = cache.write_kv_at(self.layer_idx, k, v, meta.decode_pos)
+        elif cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v, meta.past_len)
         impl = resolve_attn(self.backend, x.device.type)
         if impl == "eager":

@@ -117,11 +117,15 @@ class NemotronV3Model(nn.Module):
         if meta is None:
             meta = self.batch_meta(hidden.shape[0], hidden.shape[1], hidden.device, attention_mask,
                                    past_key_values, **kwargs)
-        sink = kwargs.get("hidden_states_sink")
+        return self.run_layers(hidden, meta, past_key_values, kwargs.get("hidden_states_sink"))
+
+    def run_layers(self, hidden: torch.Tensor, meta: BatchMeta, cache=None,
+                   sink: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The blocks and the final norm, without input validation (the decode loop calls this)."""
         for layer in self.layers.values():
             if sink is not None:
                 sink.append(hidden)
-            hidden = layer(hidden, meta, past_key_values)
+            hidden = layer(hidden, meta, cache)
         if self.norm is not None:
             hidden = self.norm(hidden)
         if sink is not None:
@@ -314,6 +318,65 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
         return mask[None, None].expand(batch_size, 1, query_len, kv_len)
 
+    # ---- generation (transformers' GenerationMixin) --------------------------------------------
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # we bring our own hybrid cache (KV + Mamba states)
+
+    def get_experts_implementation(self) -> dict[str, str]:
+        """GenerationMixin asks this to decide whether to swap expert kernels for decoding; our
+        grouped path needs no swap, so we report our own names (never transformers' 'grouped_mm')."""
+        return {"": self.backend.experts}
+
+    def set_experts_implementation(self, impl: dict[str, str] | str) -> None:
+        value = impl if isinstance(impl, str) else impl.get("", self.backend.experts)
+        self.backend.experts = value
+        for m in self.modules():
+            if hasattr(m, "impl") and hasattr(m, "up_proj"):
+                m.impl = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any) -> None:
+        # generate() knows the final length here but not yet the (beam-expanded) batch size, so the
+        # cache itself is built on the first prepare_inputs_for_generation call.
+        max_len = kwargs.get("max_cache_length", args[-1] if args else None)
+        self._generation_max_length = int(max_len) + 1 if max_len is not None else None
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: Any = None,
+        cache_position: torch.LongTensor | None = None,
+        use_cache: bool | None = True,
+        **kwargs: Any,
+    ) -> dict:
+        """First call (prefill): create a NemotronHybridCache and forward the whole prompt (or its
+        embeddings). Later calls (decode): forward only the tokens the cache has not seen."""
+        from ..cache import NemotronHybridCache
+
+        cache = past_key_values if past_key_values is not None else kwargs.get("cache")
+        if cache is None and use_cache is not False:
+            prompt_len = inputs_embeds.shape[1] if inputs_embeds is not None else input_ids.shape[1]
+            max_len = getattr(self, "_generation_max_length", None) or (
+                prompt_len + (self.generation_config.max_new_tokens or self.generation_config.max_length))
+            cache = NemotronHybridCache(self.config, input_ids.shape[0], max(max_len, prompt_len + 1),
+                                        dtype=self.dtype, device=self.device)
+        past = cache.get_seq_length() if cache is not None else 0
+        inputs: dict[str, Any] = {"attention_mask": attention_mask, "past_key_values": cache,
+                                  "use_cache": use_cache, "logits_to_keep": kwargs.get("logits_to_keep", 1)}
+        if inputs_embeds is not None and past == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+            inputs["input_ids"] = None
+            if cache is not None:
+                # generate() then passes only the generated ids: the prompt lives in the cache as embeddings.
+                cache.embedded_prefix = inputs_embeds.shape[1]
+        elif cache is not None:
+            inputs["input_ids"] = input_ids[:, past - cache.embedded_prefix:]
+        else:
+            inputs["input_ids"] = input_ids
+        return inputs
+
     # ---- forward -------------------------------------------------------------------------------
     def forward(
         self,
@@ -336,6 +399,9 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         """Forward pass with optional loss. BSHD ``[B, S]`` or THD (``qkv_format="thd"`` with
         ``cu_seqlens``); ``labels`` are the input ids themselves (shifted here), -100 ignored."""
         num_items = kwargs.pop("num_items_in_batch", None)
+        if past_key_values is None:
+            past_key_values = kwargs.pop("cache", None)  # transformers >= 5.2x names it `cache`
+        kwargs.pop("cache", None)
         if input_ids is not None and input_ids.dim() == 1:
             input_ids = input_ids[None]
         if labels is not None and labels.dim() == 1:

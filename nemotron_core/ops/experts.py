@@ -50,7 +50,8 @@ def grouped_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, u
     ntok, topk = idx.shape
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=up.shape[0])
+    # scatter_add rather than bincount: bincount syncs with the host on CUDA (it sizes its output).
+    counts = torch.zeros(up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0).to(torch.int32)
     xs = x[order // topk]
     h = relu2(_grouped_mm(xs, up.transpose(1, 2), offs))
