@@ -1,0 +1,280 @@
+"""Native generation: static-shape decode with the hybrid cache, sampling on device.
+
+Prefill runs the chunked scan over the prompt (optionally in pieces: chunked prefill) and leaves the
+final conv/SSM states and KV rows in the cache. Each decode step then feeds one token per row:
+Mamba layers update their state in O(1), attention layers write one KV row at a device-side
+position and attend over the whole preallocated buffer under a validity mask. Every shape is fixed,
+so on CUDA the step is captured once in a CUDA graph and replayed; the host only looks at the
+tokens every ``sync_every`` steps (to stream them and to stop early).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .batch import BatchMeta
+from .cache import NemotronHybridCache
+from .errors import InputError
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding controls. ``temperature == 0`` (or ``do_sample=False``) means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    do_sample: bool = True
+    seed: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise InputError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token per row from ``[B, V]`` logits; everything stays on the device."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        # CTRL-style penalty: shrink the logits of tokens already present (divide positives, multiply negatives).
+        penalized = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if cfg.greedy:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already cover top_p (the best one always stays).
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if cfg.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class GenerationOutput:
+    sequences: list[list[int]]  # generated ids per row (prompt excluded, stopping token included)
+    finish_reasons: list[str]  # "eos", "length", "stop" or "interrupted"
+    prompt_tokens: list[int]
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    peak_memory_bytes: int | None = None
+    cuda_graph: bool = False
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+class Decoder:
+    """Owns the cache and the static buffers of one batch shape; reusable across prompts."""
+
+    def __init__(self, model, batch_size: int, max_length: int, cuda_graph: bool | None = None) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.max_length = max_length
+        device = model.device
+        self.cache = NemotronHybridCache(model.config, batch_size, max_length, dtype=model.dtype, device=device)
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.kv_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.logits = None
+        self.use_graph = device.type == "cuda" if cuda_graph is None else (cuda_graph and device.type == "cuda")
+        self.graph = None
+
+    def _meta(self) -> BatchMeta:
+        meta = BatchMeta(batch_size=self.batch_size, seq_len=1, past_len=1, decode_pos=self.pos)
+        meta._attn_mask = self.kv_valid[:, None, None, :]
+        meta._attn_mask_built = True
+        return meta
+
+    @torch.no_grad()
+    def _step_impl(self) -> torch.Tensor:
+        self.kv_valid.index_fill_(1, self.pos, True)
+        m = self.model
+        hidden = m.model.run_layers(m.model.embed_tokens(self.tokens), self._meta(), self.cache)
+        return m.lm_head(hidden[:, -1]).float()
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (autotuning, lazy init), then record one step. The warm-up writes
+        # into the cache, so the cache is zeroed afterwards; the graph keeps pointing at its buffers.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step_impl()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step_impl()
+        self.cache.reset()
+        self.kv_valid.zero_()
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Run the prompt (left-padded ``[B, S]``) into a fresh cache; returns last-position logits."""
+        if self.use_graph and self.graph is None:
+            self._capture()
+        self.cache.reset()
+        self.kv_valid.zero_()
+        seqlen = input_ids.shape[1]
+        if seqlen >= self.max_length:
+            raise InputError(f"prompt of {seqlen} tokens leaves no room in max_length {self.max_length}")
+        step = chunk or seqlen
+        logits = None
+        for start in range(0, seqlen, step):
+            end = min(start + step, seqlen)
+            out = self.model(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+        self.kv_valid[:, :seqlen] = attention_mask.bool()
+        self.pos.fill_(seqlen)
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (``[B]``); returns next-token logits ``[B, V]``."""
+        self.tokens.copy_(tokens.view(-1, 1))
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._step_impl()
+        self.pos.add_(1)
+        self.cache.seq_len += 1
+        return logits
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int = 0,
+             on_tokens: Callable[[torch.Tensor], bool | None] | None = None, sync_every: int | None = None,
+             prefill_chunk: int | None = None, decoder: Decoder | None = None,
+             max_length: int | None = None) -> GenerationOutput:
+    """Generate for a batch of token-id prompts (left-padded internally).
+
+    ``on_tokens(new_ids_cpu [B, k])`` is called at every host sync with the tokens produced since the
+    last one; it may return a list of B booleans marking rows to stop (stop strings). ``KeyboardInterrupt`` stops
+    cleanly: what was generated so far is returned with finish reason "interrupted"."""
+    cfg.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InputError("every prompt needs at least one token")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts)
+    if limit and longest + cfg.max_new_tokens > limit:
+        raise InputError(f"prompt ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
+                         f"limit of {limit} positions")
+    device = model.device
+    bsz = len(prompts)
+    total = longest + cfg.max_new_tokens
+    if decoder is None or decoder.batch_size != bsz or decoder.max_length < total:
+        decoder = Decoder(model, bsz, max_length or total)
+    sync_every = sync_every or (8 if device.type == "cuda" else 1)
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    ids, mask = left_pad(prompts, pad_id, device)
+    eos = torch.tensor(cfg.eos_token_ids or [-1], device=device)
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros(bsz, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, mask.bool())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    logits = decoder.prefill(ids, mask, prefill_chunk)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+
+    out = torch.full((bsz, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    hit_eos = torch.zeros(bsz, dtype=torch.bool, device=device)
+    reasons = ["length"] * bsz
+    steps = 0
+    flushed = 0
+    stopped = [False] * bsz
+    try:
+        for i in range(cfg.max_new_tokens):
+            nxt = sample_next(logits, cfg, seen, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out[:, i] = nxt
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], ~done[:, None])
+            is_eos = torch.isin(nxt, eos) & ~done
+            hit_eos |= is_eos
+            done |= is_eos
+            steps = i + 1
+            last = i + 1 == cfg.max_new_tokens
+            if steps % sync_every == 0 or last:
+                if on_tokens is not None:
+                    stop_rows = on_tokens(out[:, flushed:steps].cpu())
+                    flushed = steps
+                    if stop_rows:
+                        stopped = [a or bool(b) for a, b in zip(stopped, stop_rows)]
+                        done |= torch.tensor(stopped, device=device)
+                if bool(done.all()) or last:
+                    break
+            logits = decoder.step(nxt)
+    except KeyboardInterrupt:
+        reasons = ["interrupted"] * bsz
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t2 = time.perf_counter()
+
+    rows = out[:, :steps].tolist()
+    hit = hit_eos.tolist()
+    sequences = []
+    eos_set = set(cfg.eos_token_ids)
+    for r, row in enumerate(rows):
+        if hit[r]:
+            cut = next(j for j, t in enumerate(row) if t in eos_set)
+            row = row[: cut + 1]
+            reasons[r] = "eos" if reasons[r] != "interrupted" else reasons[r]
+        elif stopped[r] and reasons[r] == "length":
+            reasons[r] = "stop"
+        sequences.append(row)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return GenerationOutput(sequences=sequences, finish_reasons=reasons, prompt_tokens=[len(p) for p in prompts],
+                            prefill_seconds=t1 - t0, decode_seconds=t2 - t1, decode_steps=steps,
+                            peak_memory_bytes=peak, cuda_graph=decoder.graph is not None)
