@@ -9,8 +9,9 @@ import torch
 
 from .checkpoint import copy_side_files, load_pretrained, save_pretrained, stored_dtype, weight_files
 from .dtypes import dtype_name, parse_dtype
-from .errors import NemotronError
-from .io_utils import atomic_output_dir, human_bytes
+from .config import load_config
+from .errors import ConfigError, NemotronError
+from .io_utils import atomic_output_dir, check_output_dir, human_bytes, parse_size
 
 # Relative tolerance on the largest logit when the dtype changes: a cast's rounding, not a bug.
 VERIFY_RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -37,7 +38,15 @@ def convert_model_dir(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
                       max_shard_size: str | int = "5GB", verify: bool = False, force: bool = False) -> dict[str, Any]:
     from .modeling.model import NemotronHForCausalLM
 
+    # Check the cheap things first, in the order a user fixes them: the source directory, its
+    # config.json, its weights, then the output path (before minutes of loading a large model).
+    if not Path(src).is_dir():
+        what = "not a directory" if Path(src).exists() else "no such model directory"
+        raise ConfigError(f"{src}: {what}")
+    load_config(src)
     src_dtype = stored_dtype(weight_files(src))
+    check_output_dir(dst, force)
+    parse_size(max_shard_size)
     want = parse_dtype(dtype) or src_dtype
     model = NemotronHForCausalLM.from_pretrained(src, dtype=want)
     report: dict[str, Any] = {"source": str(src), "path": str(dst), "source_dtype": dtype_name(src_dtype),

@@ -11,7 +11,7 @@ import torch
 from .config import NemotronHConfig, config_from_dict, set_config_value
 from .dtypes import cast_model, dtype_name, parse_dtype
 from .errors import ConfigError
-from .io_utils import atomic_output_dir, human_bytes
+from .io_utils import atomic_output_dir, human_bytes, parse_size
 from .params import count_parameters
 from .presets import preset_config_dict
 
@@ -33,9 +33,13 @@ def random_model(config: NemotronHConfig, dtype: torch.dtype, seed: int, device:
 
     with torch.device("meta"):
         model = NemotronHForCausalLM(config)
+    # On a CPU, draw in fp32 so one seed gives the same values whatever the dtype; on an accelerator,
+    # draw in the target dtype so a real-size model never needs twice its memory.
+    draw = torch.float32 if torch.device(device).type == "cpu" else dtype
+    cast_model(model, draw)
     model.to_empty(device=device)
     torch.manual_seed(seed)
-    model.initialize_weights(dtype=torch.float32)  # draw in fp32 so a seed gives the same values in any dtype
+    model.initialize_weights(dtype=draw)
     return cast_model(model, dtype)
 
 
@@ -65,6 +69,7 @@ def create_model_dir(out_dir: str | os.PathLike, preset: str = "tiny", overrides
 
     config = build_config(preset, overrides)
     torch_dtype = parse_dtype(dtype)
+    parse_size(max_shard_size)  # a bad size fails now, not after the weights are drawn
     with atomic_output_dir(out_dir, force=force) as tmp:
         tok = save_tokenizer(tmp, config.vocab_size)
         gen = {"bos_token_id": tok["bos_token_id"], "eos_token_id": tok["chat_eos_token_ids"],

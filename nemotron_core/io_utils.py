@@ -66,17 +66,21 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
     final = check_output_dir(path, force).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    backup = None
     try:
         yield tmp
+        # Still inside the try: an interrupt during the finishing steps must not leave the
+        # temporary directory behind or the old output moved aside.
+        _apply_umask(tmp)  # mkdtemp makes 0700; give the result the permissions a plain mkdir would
+        if final.exists():
+            backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, backup)
+        os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if backup is not None and not final.exists():
+            os.replace(backup, final)
         raise
-    _apply_umask(tmp)  # mkdtemp makes 0700; give the result the permissions a plain mkdir would
-    backup = None
-    if final.exists():
-        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, backup)
-    os.replace(tmp, final)
     if backup is not None:
         if backup.is_dir():
             shutil.rmtree(backup, ignore_errors=True)

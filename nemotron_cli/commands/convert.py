@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from nemotron_cli.common import DType, ForceOpt, JsonOpt, Output, QuietOpt, cli_command, example_epilog
+from nemotron_cli.commands.init import working
 
 
 def convert(
@@ -24,9 +25,9 @@ def convert(
     from nemotron_core.convert import convert_model_dir
 
     out = Output(json_mode=json_out, quiet=quiet)
-    out.info(f"converting {src} -> {dst} ...")
-    report = convert_model_dir(src, dst, dtype=dtype.value if dtype else None, max_shard_size=max_shard_size,
-                               verify=verify, force=force)
+    with working(out, f"converting {src} -> {dst} ..."):
+        report = convert_model_dir(src, dst, dtype=dtype.value if dtype else None, max_shard_size=max_shard_size,
+                                   verify=verify, force=force)
     out.emit(report)
 
 

@@ -1,8 +1,9 @@
 """``nemotron init``: create a model directory (config, tokenizer, random weights) from a preset."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 
@@ -37,10 +38,24 @@ def init(
         raise InputError("missing OUT_DIR (or pass --list to see the presets)")
     from nemotron_core.create import create_model_dir
 
-    out.info(f"creating {out_dir} from preset {preset} ...")
-    summary = create_model_dir(out_dir, preset=preset, overrides=set_ or [], dtype=dtype.value, seed=seed,
-                               weights=not no_weights, max_shard_size=max_shard_size, force=force)
+    with working(out, f"creating {out_dir} from preset {preset} ..."):
+        summary = create_model_dir(out_dir, preset=preset, overrides=set_ or [], dtype=dtype.value, seed=seed,
+                                   weights=not no_weights, max_shard_size=max_shard_size, force=force)
     out.emit(summary, render=lambda c: _render_summary(c, summary))
+
+
+@contextlib.contextmanager
+def working(out: Output, text: str) -> Iterator[None]:
+    """A transient spinner with ``text`` on stderr while a long step runs.
+
+    Shown only on a terminal (never under --quiet/--json, nor when stderr is piped or logged) and
+    erased when the step ends, so a failure or an interrupt still leaves exactly one line."""
+    from rich.markup import escape
+    from rich.progress import SpinnerColumn, TextColumn
+
+    with out.progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True) as progress:
+        progress.add_task(escape(text), total=None)
+        yield
 
 
 def _render_summary(console, s: dict) -> None:
@@ -76,8 +91,12 @@ def _list_presets(out: Output) -> None:
         from rich.table import Table
 
         t = Table(title=None)
-        for col in ("preset", "layers", "total params", "active params", "description"):
-            t.add_column(col, justify="right" if "params" in col or col == "layers" else "left")
+        # Names and numbers never wrap or get cut (a preset name is something to type); only the
+        # description wraps, folding long words rather than ending them in an ellipsis.
+        t.add_column("preset", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
+        for col in ("layers", "total params", "active params"):
+            t.add_column(col, justify="right", no_wrap=True)
+        t.add_column("description", overflow="fold", min_width=len("description"))
         for r in rows:
             t.add_row(r["name"], str(r["layers"]), _short(r["total_parameters"]), _short(r["active_parameters"]),
                       r["description"])
