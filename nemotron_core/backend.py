@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import sys
+import types
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -64,6 +66,7 @@ def mamba_triton_ops() -> dict[str, Callable] | None:
     if not module_available("mamba_ssm"):
         return None
     try:
+        _import_mamba_package_without_cuda_extension()
         ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
         state = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
     except Exception:  # a broken install is the same as none: the reference path still runs
@@ -72,6 +75,26 @@ def mamba_triton_ops() -> dict[str, Callable] | None:
         "chunk_scan": ssd.mamba_chunk_scan_combined,
         "state_update": state.selective_state_update,
     }
+
+
+def _import_mamba_package_without_cuda_extension() -> None:
+    """Make ``import mamba_ssm.ops.triton.*`` work when the compiled extension is absent.
+
+    mamba_ssm's package ``__init__`` imports ``selective_scan_cuda`` unconditionally; a wheel built
+    without CUDA extensions (the Triton kernels are pure Python) fails there. If that happens we
+    register the package without running its ``__init__`` so its Triton submodules import normally.
+    """
+    if "mamba_ssm" in sys.modules:
+        return
+    try:
+        importlib.import_module("mamba_ssm")
+    except ImportError:
+        spec = importlib.util.find_spec("mamba_ssm")
+        pkg = types.ModuleType("mamba_ssm")
+        pkg.__path__ = list(spec.submodule_search_locations or [])
+        pkg.__spec__ = spec
+        pkg.__file__ = spec.origin
+        sys.modules["mamba_ssm"] = pkg
 
 
 def resolve_mamba(backend: BackendConfig, device_type: str) -> str:
