@@ -279,6 +279,27 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
             self.mtp.initialize_weights()
         cast_model(self, dtype)
 
+    # ---- hooks applied from outside (activation checkpointing, pipeline stages) ----------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Wrap every decoder block (and MTP block) in non-reentrant activation checkpointing.
+        Idempotent; state-dict keys do not change. ``gradient_checkpointing_kwargs`` is accepted for
+        HF compatibility and unused."""
+        from ..activation_checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(self)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Unwrap the blocks (inverse of ``gradient_checkpointing_enable``); idempotent."""
+        from ..activation_checkpointing import remove_activation_checkpointing
+
+        remove_activation_checkpointing(self)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        from ..activation_checkpointing import is_checkpointed
+
+        return is_checkpointed(self)
+
     # ---- accessors -----------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
