@@ -175,8 +175,9 @@ def load_pretrained(cls, path: str | os.PathLike, device: str | torch.device | N
         raise ConfigError(f"{d}: not a directory")
     config = load_config(d)
     files = weight_files(d)
-    want = parse_dtype(dtype if dtype is not None else torch_dtype)
-    if want is None or str(want) == "auto":
+    requested = dtype if dtype is not None else torch_dtype
+    want = None if requested is None or requested == "auto" else parse_dtype(requested)
+    if want is None:  # "auto": as stored
         want = stored_dtype(files)
     device = torch.device(device or "cpu")
     with torch.device("meta"):

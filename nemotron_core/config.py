@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import NemotronHConfig as _HFNemotronHConfig
 
 from .errors import ConfigError
@@ -84,6 +85,15 @@ class NemotronHConfig(_HFNemotronHConfig):
 
         need(len(self.layers_block_type) > 0, "layers_block_type is empty: the model needs at least one block")
         need(self.hidden_size > 0 and self.vocab_size > 0, "hidden_size and vocab_size must be positive")
+        # Sizes a block divides by or builds from: zero or negative would crash later, not explain.
+        used = set(self.all_block_types)
+        for block, keys in _POSITIVE_KEYS.items():
+            if block in used:
+                for key in keys:
+                    value = getattr(self, key)
+                    need(isinstance(value, int) and value > 0, f"{key} must be a positive integer, got {value!r}")
+        need(len(self.time_step_limit) == 2 and 0.0 <= self.time_step_limit[0] <= self.time_step_limit[1],
+             f"time_step_limit must be [low, high] with 0 <= low <= high, got {list(self.time_step_limit)}")
         if ATTENTION in self.all_block_types:
             need(self.num_attention_heads % self.num_key_value_heads == 0,
                  f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
@@ -146,6 +156,13 @@ class NemotronHConfig(_HFNemotronHConfig):
         return out
 
 
+_POSITIVE_KEYS = {
+    ATTENTION: ("num_attention_heads", "num_key_value_heads", "head_dim"),
+    MAMBA: ("mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size"),
+    MLP: ("intermediate_size",),
+    MOE: ("n_routed_experts", "moe_intermediate_size", "moe_shared_expert_intermediate_size", "n_group"),
+}
+
 _NUMERIC_KEYS = (
     "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
     "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size", "conv_kernel", "chunk_size",
@@ -181,7 +198,7 @@ def config_from_dict(data: dict[str, Any]) -> NemotronHConfig:
         return NemotronHConfig(**data)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:  # transformers' strict dataclass validation
+    except (TypeError, ValueError, StrictDataclassError) as e:  # transformers' strict dataclass validation
         msg = " ".join(str(e).split())
         raise ConfigError(f"invalid config: {msg[:300]}") from e
 
