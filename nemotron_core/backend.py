@@ -14,7 +14,7 @@ import types
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-ATTN_CHOICES = ("auto", "sdpa", "eager")
+ATTN_CHOICES = ("auto", "sdpa", "eager", "flex")
 EXPERTS_CHOICES = ("grouped", "loop")
 MAMBA_CHOICES = ("auto", "torch", "triton")
 NORM_CHOICES = ("torch", "te")
@@ -69,11 +69,13 @@ def mamba_triton_ops() -> dict[str, Callable] | None:
         _import_mamba_package_without_cuda_extension()
         ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
         state = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+        norm = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
     except Exception:  # a broken install is the same as none: the reference path still runs
         return None
     return {
         "chunk_scan": ssd.mamba_chunk_scan_combined,
         "state_update": state.selective_state_update,
+        "gated_rmsnorm": norm.rmsnorm_fn,
     }
 
 
@@ -108,9 +110,24 @@ def resolve_mamba(backend: BackendConfig, device_type: str) -> str:
     return "triton" if usable else "torch"
 
 
-def resolve_attn(backend: BackendConfig, device_type: str) -> str:
+def resolve_attn(backend: BackendConfig, device_type: str, packed: bool = False,
+                 dtype=None, head_dim: int | None = None) -> str:
+    """auto: FlexAttention's document mask for packed bf16/fp16 batches on CUDA, SDPA otherwise.
+
+    Inductor's flex kernel has no fp32 variant on Hopper (NoValidChoicesError, seen on an H200 with
+    torch 2.11) and was only measured at head_dim 128, so smaller or fp32 cases keep the exact
+    masked SDPA path."""
     if backend.attn == "auto":
+        import torch
+
+        flex_ok = dtype in (torch.bfloat16, torch.float16) and (head_dim or 0) >= 64
+        if packed and device_type == "cuda" and flex_ok and module_available("torch.nn.attention.flex_attention"):
+            return "flex"
         return "sdpa"
+    if backend.attn == "flex" and device_type != "cuda":
+        from .errors import InputError
+
+        raise InputError("backend attn='flex' needs CUDA (on CPU use sdpa or eager)")
     return backend.attn
 
 

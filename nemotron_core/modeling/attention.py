@@ -32,8 +32,13 @@ class Attention(nn.Module):
             k, v = cache.write_kv_at(self.layer_idx, k, v, meta.decode_pos)
         elif cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v, meta.past_len)
-        impl = resolve_attn(self.backend, x.device.type)
-        if impl == "eager":
+        impl = resolve_attn(self.backend, x.device.type, packed=meta.is_packed and cache is None,
+                            dtype=q.dtype, head_dim=self.head_dim)
+        if impl == "flex" and meta.is_packed:
+            from ..ops.flex import flex_document_attention
+
+            out = flex_document_attention(q, k, v, meta.flex_block_mask(), self.scale)
+        elif impl == "eager":
             out = eager_attention(q, k, v, meta.attn_mask, self.scale)
         else:
             out = sdpa_attention(q, k, v, meta.attn_mask, self.scale)

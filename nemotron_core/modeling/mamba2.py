@@ -72,7 +72,13 @@ class Mamba2(nn.Module):
                 state.conv.copy_(conv_final)
                 state.ssm.copy_(ssm_final)
             y = y.reshape(b, s, self.d_inner)
-        return self.out_proj(self.norm(y, z).to(hidden.dtype))
+        return self.out_proj(self._gated_norm(y, z).to(hidden.dtype))
+
+    def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if resolve_mamba(self.backend, y.device.type) == "triton":
+            return mamba_triton_ops()["gated_rmsnorm"](y, self.norm.weight, None, z=z, eps=self.norm.eps,
+                                                       group_size=self.norm.group_size, norm_before_gate=False)
+        return self.norm(y, z)
 
     def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         gn = self.n_groups * self.state_size

@@ -55,8 +55,14 @@ class Experts(nn.Module):
         self.impl = impl
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        fn = grouped_experts if self.impl == "grouped" else loop_experts
-        return fn(x, idx, weights, self.up_proj, self.down_proj)
+        if self.impl == "loop":
+            return loop_experts(x, idx, weights, self.up_proj, self.down_proj)
+        if x.is_cuda and not torch.is_grad_enabled():
+            from ..ops import triton_experts
+
+            if triton_experts.supported(x, idx, self.up_proj, self.down_proj):  # decode: a few slots
+                return triton_experts.gemv_experts(x, idx, weights, self.up_proj, self.down_proj)
+        return grouped_experts(x, idx, weights, self.up_proj, self.down_proj)
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.up_proj, std=std)

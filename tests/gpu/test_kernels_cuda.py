@@ -110,17 +110,18 @@ def test_packed_equals_separate_on_triton_path() -> None:
     assert rel(packed, alone) < 1e-2
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_graph_decode_matches_eager(dtype: torch.dtype) -> None:
-    """bf16 takes the grouped-GEMM expert path (capturable); fp32 on CUDA uses the loop reference,
-    which cannot be captured, so the decoder must fall back to eager decoding with a warning."""
+@pytest.mark.parametrize("experts", ["grouped", "loop"])
+def test_cuda_graph_decode_matches_eager(experts: str) -> None:
+    """The default expert path is capturable; the loop reference has data-dependent shapes, so the
+    decoder must fall back to eager decoding with a warning, and give the same tokens either way."""
     from nemotron_core.generation import Decoder, SamplingConfig, generate
 
-    model = _tiny_model("auto", dtype)
+    model = _tiny_model("auto", torch.bfloat16)
+    model.set_experts_implementation(experts)
     prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (20, 9)]
     cfg = SamplingConfig(max_new_tokens=24, do_sample=False)
     eager = generate(model, prompts, cfg, decoder=Decoder(model, 2, 64, cuda_graph=False))
-    if dtype == torch.float32:
+    if experts == "loop":
         with pytest.warns(UserWarning, match="not capturable"):
             graph = generate(model, prompts, cfg, decoder=Decoder(model, 2, 64, cuda_graph=True))
         assert not graph.cuda_graph
@@ -128,3 +129,29 @@ def test_cuda_graph_decode_matches_eager(dtype: torch.dtype) -> None:
         graph = generate(model, prompts, cfg, decoder=Decoder(model, 2, 64, cuda_graph=True))
         assert graph.cuda_graph and not eager.cuda_graph
     assert graph.sequences == eager.sequences
+
+
+@pytest.mark.parametrize("ntok", [1, 8])
+def test_triton_gemv_experts_match_loop(ntok: int) -> None:
+    from nemotron_core.ops import triton_experts
+    from nemotron_core.ops.experts import loop_experts
+
+    torch.manual_seed(0)
+    x = torch.randn(ntok, 200, device="cuda", dtype=torch.bfloat16)
+    up = torch.randn(16, 136, 200, device="cuda", dtype=torch.bfloat16) * 0.05
+    down = torch.randn(16, 200, 136, device="cuda", dtype=torch.bfloat16) * 0.05
+    idx = torch.randint(0, 16, (ntok, 6), device="cuda")
+    w = torch.rand(ntok, 6, device="cuda")
+    assert triton_experts.supported(x, idx, up, down)
+    assert rel(triton_experts.gemv_experts(x, idx, w, up, down), loop_experts(x, idx, w, up, down)) < 2e-2
+
+
+@needs_mamba
+def test_triton_gated_norm_matches_reference() -> None:
+    from nemotron_core.ops.norms import gated_rms_norm
+
+    y, z = torch.randn(4, 33, 128, device="cuda"), torch.randn(4, 33, 128, device="cuda")
+    w = torch.rand(128, device="cuda") + 0.5
+    ref = gated_rms_norm(y, z, w, 32, 1e-5)
+    out = mamba_triton_ops()["gated_rmsnorm"](y, w, None, z=z, eps=1e-5, group_size=32, norm_before_gate=False)
+    assert rel(out, ref) < 1e-4

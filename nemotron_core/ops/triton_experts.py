@@ -1,0 +1,83 @@
+"""Routed experts for a handful of tokens (decode) as one Triton GEMV per projection.
+
+At decode time each MoE layer sees a few (token, expert) slots; a grouped GEMM then spends most of
+its time on scheduling 128 mostly-empty groups and on sorting. Here every program reads one
+slot's expert rows straight from the stacked weights, so the step is a single pass over exactly
+the weights the tokens use (memory-bound, as decode is) and needs no sort. The reference is
+``nemotron_core.ops.experts.loop_experts``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# Above this many (token, expert) slots a grouped GEMM reuses weights across tokens and wins.
+MAX_SLOTS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                 for bn, bk, w in ((16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (8, 512, 4))],
+        key=["N", "K"],
+    )
+    @triton.jit
+    def expert_gemv(x_ptr, w_ptr, expert_ptr, row_ptr, out_ptr, N, K,
+                    stride_xm, stride_we, stride_wn, stride_om,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RELU2: tl.constexpr):
+        slot = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(expert_ptr + slot).to(tl.int64)
+        row = tl.load(row_ptr + slot).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :],
+                        mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        if RELU2:
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        tl.store(out_ptr + slot * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+    return expert_gemv, triton.cdiv
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor, relu2: bool) -> torch.Tensor:
+    kernel, cdiv = _kernel()
+    n, k = w.shape[1], w.shape[2]
+    out = torch.empty(experts.shape[0], n, dtype=x.dtype, device=x.device)
+    grid = lambda meta: (experts.shape[0], cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    kernel[grid](x, w, experts, rows, out, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0), RELU2=relu2)
+    return out
+
+
+def supported(x: torch.Tensor, idx: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+    if not x.is_cuda or idx.numel() > MAX_SLOTS:
+        return False
+    if up.stride(-1) != 1 or down.stride(-1) != 1 or x.stride(-1) != 1:
+        return False
+    try:
+        _kernel()
+    except ImportError:
+        return False
+    return True
+
+
+def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,
+                 down: torch.Tensor) -> torch.Tensor:
+    ntok, topk = idx.shape
+    experts = idx.reshape(-1).to(torch.int32)
+    tokens = torch.arange(ntok, device=x.device, dtype=torch.int32).repeat_interleave(topk)
+    h = _gemv(x.contiguous(), up, experts, tokens, relu2=True)  # [slots, inter]
+    slots = torch.arange(experts.shape[0], device=x.device, dtype=torch.int32)
+    y = _gemv(h, down, experts, slots, relu2=False)  # [slots, out]
+    out = (y.view(ntok, topk, -1).float() * weights[..., None].float()).sum(1)
+    return out.to(x.dtype)
