@@ -30,6 +30,7 @@ class BatchMeta:
     decode_pos: torch.Tensor | None = None  # static-shape decode: device index of the step being written
     _attn_mask: torch.Tensor | None = None
     _attn_mask_built: bool = False
+    _flex_mask: object = None
 
     @property
     def is_packed(self) -> bool:
@@ -42,6 +43,14 @@ class BatchMeta:
             self._attn_mask = self._build_attn_mask()
             self._attn_mask_built = True
         return self._attn_mask
+
+    def flex_block_mask(self):
+        """FlexAttention block mask of the packed documents, built once and shared by all layers."""
+        if self._flex_mask is None:
+            from .ops.flex import document_block_mask
+
+            self._flex_mask = document_block_mask(self.seq_idx)
+        return self._flex_mask
 
     def _build_attn_mask(self) -> torch.Tensor | None:
         plain = self.kv_padding_mask is None and self.seq_idx is None
@@ -84,6 +93,21 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqle
         raise InputError(f"{name} must end at the number of packed tokens ({total}), got {cu[-1]}")
 
 
+def check_true_lengths(cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor) -> None:
+    """With padding, ``cu_seqlens`` holds the true lengths: one per padded slot, each fitting in it."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape != cu_seqlens_padded.shape:
+        raise InputError(f"cu_seqlens {tuple(cu_seqlens.shape)} and cu_seqlens_padded {tuple(cu_seqlens_padded.shape)} "
+                         "must both be [num_seqs + 1]")
+    cu, padded = cu_seqlens.tolist(), cu_seqlens_padded.tolist()
+    if cu[0] != 0:
+        raise InputError(f"cu_seqlens must start at 0, got {cu[0]}")
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    slots = [b - a for a, b in zip(padded, padded[1:])]
+    if any(n < 0 or n > s for n, s in zip(lens, slots)):
+        raise InputError(f"cu_seqlens lengths {lens} must be >= 0 and fit in the padded lengths {slots} "
+                         "(cu_seqlens_padded)")
+
+
 def make_batch_meta(
     batch_size: int,
     seq_len: int,
@@ -114,6 +138,8 @@ def make_batch_meta(
         if layout is not None:
             check_cu_seqlens(layout, seq_len, "cu_seqlens_padded" if cu_seqlens_padded is not None else "cu_seqlens")
             seq_idx = seq_idx_from_cu_seqlens(layout.to(device), seq_len)[None]
+        if cu_seqlens is not None and cu_seqlens_padded is not None:
+            check_true_lengths(cu_seqlens, cu_seqlens_padded)
         meta.seq_idx = seq_idx.to(device=device, dtype=torch.int32).reshape(1, seq_len)
         meta.cu_seqlens = cu_seqlens
         meta.max_seqlen = max_seqlen
