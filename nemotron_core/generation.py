@@ -10,6 +10,7 @@ tokens every ``sync_every`` steps (to stream them and to stop early).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -98,7 +99,8 @@ class GenerationOutput:
 class Decoder:
     """Owns the cache and the static buffers of one batch shape; reusable across prompts."""
 
-    def __init__(self, model, batch_size: int, max_length: int, cuda_graph: bool | None = None) -> None:
+    def __init__(self, model, batch_size: int, max_length: int, cuda_graph: bool | None = None,
+                 compile: bool = False) -> None:
         self.model = model
         self.batch_size = batch_size
         self.max_length = max_length
@@ -110,6 +112,9 @@ class Decoder:
         self.logits = None
         self.use_graph = device.type == "cuda" if cuda_graph is None else (cuda_graph and device.type == "cuda")
         self.graph = None
+        # torch.compile fuses the many small ops of a step (routing, norms, the state update) into
+        # few kernels; the CUDA graph then removes the launch cost of what is left.
+        self._step = torch.compile(self._step_impl, dynamic=False) if compile else self._step_impl
 
     def _meta(self) -> BatchMeta:
         meta = BatchMeta(batch_size=self.batch_size, seq_len=1, past_len=1, decode_pos=self.pos)
@@ -130,12 +135,20 @@ class Decoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step_impl()
+            for _ in range(3):
+                self._step()
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step_impl()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.logits = self._step()
+            self.graph = graph
+        except RuntimeError as e:
+            # A path with data-dependent shapes (e.g. the loop-over-experts reference, used for
+            # fp32 on CUDA) cannot be captured: decode eagerly instead.
+            warnings.warn(f"decode step not capturable as a CUDA graph, running eagerly ({str(e).splitlines()[0]})")
+            self.use_graph = False
+            torch.cuda.synchronize()
         self.cache.reset()
         self.kv_valid.zero_()
 
@@ -168,7 +181,7 @@ class Decoder:
             self.graph.replay()
             logits = self.logits
         else:
-            logits = self._step_impl()
+            logits = self._step()
         self.pos.add_(1)
         self.cache.seq_len += 1
         return logits
@@ -230,10 +243,11 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
     out = torch.full((bsz, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     hit_eos = torch.zeros(bsz, dtype=torch.bool, device=device)
-    reasons = ["length"] * bsz
     steps = 0
     flushed = 0
     stopped = [False] * bsz
+    stop_step = [0] * bsz  # tokens a stopped row had when on_tokens stopped it
+    interrupted = False
     try:
         for i in range(cfg.max_new_tokens):
             nxt = sample_next(logits, cfg, seen, generator)
@@ -251,13 +265,15 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
                     stop_rows = on_tokens(out[:, flushed:steps].cpu())
                     flushed = steps
                     if stop_rows:
-                        stopped = [a or bool(b) for a, b in zip(stopped, stop_rows)]
+                        for r, b in enumerate(stop_rows):
+                            if b and not stopped[r]:
+                                stopped[r], stop_step[r] = True, steps
                         done |= torch.tensor(stopped, device=device)
                 if bool(done.all()) or last:
                     break
             logits = decoder.step(nxt)
     except KeyboardInterrupt:
-        reasons = ["interrupted"] * bsz
+        interrupted = True
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()
@@ -265,15 +281,21 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
     rows = out[:, :steps].tolist()
     hit = hit_eos.tolist()
     sequences = []
+    reasons = []
     eos_set = set(cfg.eos_token_ids)
     for r, row in enumerate(rows):
-        if hit[r]:
-            cut = next(j for j, t in enumerate(row) if t in eos_set)
-            row = row[: cut + 1]
-            reasons[r] = "eos" if reasons[r] != "interrupted" else reasons[r]
-        elif stopped[r] and reasons[r] == "length":
-            reasons[r] = "stop"
+        # An interrupt can land between writing a step's token and counting it: look for the EOS
+        # in what was counted rather than trusting hit_eos alone.
+        cut = next((j for j, t in enumerate(row) if t in eos_set), None) if hit[r] else None
+        if cut is not None:
+            row, reason = row[: cut + 1], "eos"
+        elif stopped[r]:
+            # Steps after the stop hold padding (or, with sync_every > 1, tokens past the stop).
+            row, reason = row[: stop_step[r]], "stop"
+        else:
+            reason = "interrupted" if interrupted else "length"
         sequences.append(row)
+        reasons.append(reason)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return GenerationOutput(sequences=sequences, finish_reasons=reasons, prompt_tokens=[len(p) for p in prompts],
                             prefill_seconds=t1 - t0, decode_seconds=t2 - t1, decode_steps=steps,

@@ -1,0 +1,304 @@
+"""``nemotron generate`` end to end on a tiny model made by ``nemotron init``.
+
+The main paths run the installed command in a subprocess; most option and error checks use Typer's
+CliRunner in-process (the model loads in milliseconds once torch is imported). Subprocesses get
+OMP_NUM_THREADS=1: tiny matrices, and a shared CPU makes OpenMP spin-waiting very slow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli_helpers import REPO_ROOT, cli_env, nemotron_exe, run_nemotron
+
+JSON_KEYS = {"index", "prompt", "text", "prompt_tokens", "completion_tokens", "finish_reason", "timings"}
+TIMING_KEYS = {"prefill_s", "decode_s", "tokens_per_s"}
+REASONS = {"eos", "length", "stop", "interrupted"}
+FAST = {"OMP_NUM_THREADS": "1"}
+
+
+def gen(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return run_nemotron("generate", *args, timeout=timeout, **FAST)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("gen") / "tiny"
+    proc = run_nemotron("init", str(d), "--quiet", **FAST)
+    assert proc.returncode == 0, proc.stderr
+    return d
+
+
+@pytest.fixture(scope="module")
+def runner():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield CliRunner()
+    torch.set_num_threads(before)
+
+
+def invoke(runner: CliRunner, *args: str, input: str | None = None):
+    from nemotron_cli.app import app
+
+    return runner.invoke(app, ["generate", *args], input=input)
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def assert_one_error_line(stderr: str, contains: str = "") -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    assert contains.lower() in lines[0].lower(), lines[0]
+
+
+# ---- end to end (subprocess) ------------------------------------------------------------------------------------
+def test_prompt_prints_text_and_speeds(model_dir):
+    proc = gen(str(model_dir), "--prompt", "Hello", "--max-new-tokens", "8", "--greedy")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and proc.stdout.endswith("\n")
+    assert "Traceback" not in proc.stderr
+    assert "prefill:" in proc.stderr and "decode:" in proc.stderr and "tok/s" in proc.stderr
+    assert "peak memory" in proc.stderr
+
+
+def test_json_prompt_file_round_trip(model_dir, tmp_path):
+    """3 prompts (one a chat `messages` record) in two batches -> JSON Lines in input order;
+    the same seed gives the same output twice."""
+    records = [
+        {"prompt": "Hello"},
+        {"messages": [{"role": "user", "content": "What is a hybrid model?"}]},
+        {"prompt": "Once upon a time"},
+    ]
+    pfile = tmp_path / "prompts.jsonl"
+    pfile.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    args = (str(model_dir), "--prompt-file", str(pfile), "--json", "--seed", "3", "--max-new-tokens", "6",
+            "--batch-size", "2", "--top-k", "50")
+    first = gen(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == ""  # --json: nothing for humans
+    rows = json_lines(first.stdout)
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    for row, rec in zip(rows, records):
+        assert set(row) == JSON_KEYS
+        assert set(row["timings"]) == TIMING_KEYS
+        assert row["prompt"] == rec.get("prompt", rec.get("messages"))
+        assert isinstance(row["text"], str)
+        assert 1 <= row["completion_tokens"] <= 6
+        assert row["finish_reason"] in REASONS - {"interrupted", "stop"}
+        assert row["prompt_tokens"] > 0
+    # The chat record went through the template: <|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n
+    assert rows[1]["prompt_tokens"] > rows[0]["prompt_tokens"]
+
+    second = gen(*args)
+    assert second.returncode == 0, second.stderr
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "timings"} for r in rs]  # noqa: E731
+    assert strip(json_lines(second.stdout)) == strip(rows)
+
+
+def test_sigint_keeps_text_and_exits_130(model_dir, tmp_path):
+    # A copy with a very long position limit, so the run cannot finish before the interrupt.
+    long_dir = tmp_path / "long"
+    shutil.copytree(model_dir, long_dir)
+    cfg = json.loads((long_dir / "config.json").read_text())
+    cfg["max_position_embeddings"] = 200_000
+    (long_dir / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.Popen([nemotron_exe(), "generate", str(long_dir), "--prompt", "Once upon a time",
+                             "--max-new-tokens", "100000", "--greedy"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(**FAST), cwd=REPO_ROOT)
+    try:
+        first = b""
+        deadline = time.monotonic() + 90
+        while not first and time.monotonic() < deadline and proc.poll() is None:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                first = os.read(proc.stdout.fileno(), 4096)
+        assert first, f"no output before the deadline (exit {proc.poll()})"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    stdout = (first + rest).decode("utf-8", errors="replace")
+    stderr = err.decode("utf-8", errors="replace")
+    assert proc.returncode == 130, stderr
+    assert stdout.startswith(first.decode("utf-8", errors="replace").rstrip("\ufffd"))
+    assert len(stdout.strip()) >= len(first.strip()) > 0
+    assert stdout.endswith("\n")
+    assert "interrupted" in stderr and "Traceback" not in stderr
+
+
+# ---- options (in-process) -----------------------------------------------------------------------------------------
+def test_help_documents_json_and_examples():
+    proc = run_nemotron("generate", "--help")
+    assert proc.returncode == 0
+    for word in ("--prompt-file", "--stop", "finish_reason", "tokens_per_s", "Example"):
+        assert word in proc.stdout
+    assert "generate" in run_nemotron("--help").stdout
+
+
+def test_chat_and_system(model_dir, runner):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    base = (str(model_dir), "--prompt", "Hi", "--greedy", "-n", "4", "--json")
+    plain = json_lines(invoke(runner, *base).stdout)[0]
+    chat = invoke(runner, *base, "--chat")
+    system = invoke(runner, *base, "--chat", "--system", "Be brief.")
+    implied = invoke(runner, *base, "--system", "Be brief.")
+    assert chat.exit_code == system.exit_code == implied.exit_code == 0, system.stderr
+    chat, system, implied = (json_lines(r.stdout)[0] for r in (chat, system, implied))
+
+    def n(messages):
+        return len(tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False)["input_ids"])
+
+    assert plain["prompt_tokens"] == len(tok("Hi")["input_ids"])
+    assert chat["prompt_tokens"] == n([{"role": "user", "content": "Hi"}])
+    assert system["prompt_tokens"] == n([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert implied == {**system, "timings": implied["timings"]}
+
+
+def test_stop_string_cuts_text(model_dir, runner):
+    base = (str(model_dir), "--prompt", "The capital of France", "--greedy", "-n", "24")
+    full = json_lines(invoke(runner, *base, "--json").stdout)[0]
+    text = full["text"]
+    stop = next(text[i:i + 2] for i in range(len(text) // 3, len(text) - 2)
+                if text[i:i + 2].strip() and "\ufffd" not in text[i:i + 2])
+    want = text[:text.find(stop)]
+
+    cut = invoke(runner, *base, "--json", "--stop", stop, "--stop", "no such text")
+    assert cut.exit_code == 0, cut.stderr
+    row = json_lines(cut.stdout)[0]
+    assert row["text"] == want
+    assert row["finish_reason"] == "stop"
+    assert row["completion_tokens"] < full["completion_tokens"]
+
+    streamed = invoke(runner, *base, "--quiet", "--stop", stop)  # one prompt, human mode: streamed
+    assert streamed.exit_code == 0, streamed.stderr
+    assert streamed.stdout == want + ("" if want.endswith("\n") else "\n")
+
+
+def test_stdin_prompt_and_several_prompts(model_dir, runner, tmp_path):
+    one = invoke(runner, str(model_dir), "--greedy", "-n", "4", "--json", input="Hello\n")
+    assert one.exit_code == 0, one.stderr
+    assert json_lines(one.stdout)[0]["prompt"] == "Hello"
+
+    jsonl = '{"prompt": "a"}\n\n{"messages": [{"role": "user", "content": "b"}]}\n'
+    two = invoke(runner, str(model_dir), "--greedy", "-n", "4", "--json", input=jsonl)
+    assert two.exit_code == 0, two.stderr
+    assert [r["index"] for r in json_lines(two.stdout)] == [0, 1]
+
+    pfile = tmp_path / "prompts.txt"
+    pfile.write_text("first prompt\n\nsecond prompt\n")
+    human = invoke(runner, str(model_dir), "-f", str(pfile), "--greedy", "-n", "4")
+    assert human.exit_code == 0, human.stderr
+    assert "[1/2] first prompt" in human.stderr and "[2/2] second prompt" in human.stderr
+    assert "tok/s" in human.stderr
+    assert human.stdout.count("\n") >= 2
+
+
+# ---- bad input: exit 2, one `error:` line ------------------------------------------------------------------------
+def _write(tmp_path: Path, name: str, text: str) -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("case", ["empty", "top_p_0", "top_p_big", "temperature", "missing_file", "bad_json",
+                                  "no_prompt_key", "both", "device"])
+def test_bad_input_before_loading(model_dir, tmp_path, case):
+    """Checked before torch is imported, so the real command answers fast."""
+    args, needle = {
+        "empty": (["--prompt", "   "], "empty"),
+        "top_p_0": (["--prompt", "x", "--top-p", "0"], "--top-p"),
+        "top_p_big": (["--prompt", "x", "--top-p", "1.5"], "--top-p"),
+        "temperature": (["--prompt", "x", "--temperature", "-1"], "--temperature"),
+        "missing_file": (["--prompt-file", str(tmp_path / "nope.txt")], "nope.txt"),
+        "bad_json": (["--prompt-file", _write(tmp_path, "p.jsonl", '{"prompt": "ok"}\n{"prompt": oops}\n')],
+                     "line 2"),
+        "no_prompt_key": (["--prompt-file", _write(tmp_path, "q.jsonl", '{"text": "hi"}\n')], "line 1"),
+        "both": (["--prompt", "x", "--prompt-file", _write(tmp_path, "p.txt", "x\n")], "--prompt-file"),
+        "device": (["--prompt", "x", "--device", "tpu"], "--device"),
+    }[case]
+    proc = gen(str(model_dir), *args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert_one_error_line(proc.stderr, needle)
+
+
+def test_bad_input_after_loading(model_dir, runner, tmp_path):
+    # model directory missing / not a model
+    r = invoke(runner, str(tmp_path / "no-model"), "--prompt", "x")
+    assert r.exit_code == 2
+    assert_one_error_line(r.stderr, "no such model directory")
+    (tmp_path / "empty").mkdir()
+    r = invoke(runner, str(tmp_path / "empty"), "--prompt", "x")
+    assert r.exit_code == 2
+    assert_one_error_line(r.stderr, "config.json")
+
+    # prompt longer than the model's limit
+    short = tmp_path / "short"
+    shutil.copytree(model_dir, short)
+    cfg = json.loads((short / "config.json").read_text())
+    cfg["max_position_embeddings"] = 16
+    (short / "config.json").write_text(json.dumps(cfg))
+    r = invoke(runner, str(short), "--prompt", "word " * 40)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert_one_error_line(r.stderr, "limit is 16")
+
+    # empty prompt on stdin, bad chat role in a messages record
+    r = invoke(runner, str(model_dir), input="  \n")
+    assert r.exit_code == 2
+    assert_one_error_line(r.stderr, "empty")
+    r = invoke(runner, str(model_dir), "--quiet", input='{"messages": [{"role": "robot", "content": "hi"}]}\n')
+    assert r.exit_code == 2
+    assert_one_error_line(r.stderr, "stdin line 1")
+
+
+# ---- streaming helpers ----------------------------------------------------------------------------------------------
+def test_incremental_decoding_keeps_multibyte_characters_whole(model_dir):
+    from transformers import AutoTokenizer
+
+    from nemotron_cli.commands.generate import RowText
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    text = "Grüße, 日本語 and €100 🙂 done"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # multi-byte characters span several byte tokens
+    row = RowText(tok, eos_ids={2, 4})
+    seen = []
+    for t in ids:
+        row.add([t])
+        assert "\ufffd" not in row.text
+        assert text.startswith(row.text)
+        seen.append(row.text)
+    assert row.text == text
+    assert len(set(seen)) < len(seen)  # some steps held a partial character back
+    row.add([2, 50, 60])  # EOS ends the row; what follows is padding
+    assert row.finished and row.text == text
+
+
+def test_stop_helpers():
+    from nemotron_cli.commands.generate import _held_back, find_stop
+
+    assert find_stop("abc\n\nxyz END", ["END", "\n\n"]) == 3
+    assert find_stop("abc", ["x"]) == -1
+    assert _held_back("hello wor", ["world"]) == 3  # "wor" may become "world": not printed yet
+    assert _held_back("hello", ["world", "lo!"]) == 2
+    assert _held_back("hello", ["xyz"]) == 0
