@@ -192,6 +192,8 @@ def shift_labels(labels: torch.Tensor, n: int, meta: BatchMeta | None = None, ig
     (packed batches) where ``t + n`` lies in another document."""
     if labels.dim() != 2:
         raise InputError(f"labels must be [batch, seq] (or [T] when packed), got shape {tuple(labels.shape)}")
+    if meta is not None and tuple(labels.shape) != (meta.batch_size, meta.seq_len):
+        raise InputError(f"labels shape {tuple(labels.shape)} does not match the input's {(meta.batch_size, meta.seq_len)}")
     out = F.pad(labels, (0, n), value=ignore_index)[:, n:]
     if meta is not None and meta.seq_idx is not None:
         seq = F.pad(meta.seq_idx, (0, n), value=-1)
@@ -229,8 +231,8 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         super().__init__()
         if num_nextn_predict_layers is not None and num_nextn_predict_layers != config.num_nextn_predict_layers:
             config = _with_overrides(config, {"num_nextn_predict_layers": num_nextn_predict_layers})
-        if mtp_use_repeated_layer:
-            config.mtp_use_repeated_layer = True
+        if mtp_use_repeated_layer and not getattr(config, "mtp_use_repeated_layer", False):
+            config = _with_overrides(config, {"mtp_use_repeated_layer": True})  # never mutate the caller's config
         self.config = config
         self.backend = backend or BackendConfig()
         self.mtp_loss_scaling_factor = float(mtp_loss_scaling_factor)
