@@ -77,6 +77,13 @@ def bench_ours(config, args) -> dict:
     pre_dec = Decoder(model, 1, 8193, cuda_graph=False)
     prefill()
     res["prefill_8192_ms"] = timed(prefill, repeat=3)[0] * 1e3
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            prefill()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20), flush=True)
     del model, pre_dec
     gc.collect()
     torch.cuda.empty_cache()
