@@ -40,7 +40,6 @@ def bench_ours(config, args) -> dict:
 
     model = random_model(config, torch.bfloat16, seed=0, device="cuda").eval()
     res: dict = {"weights_gb": torch.cuda.memory_allocated() / 1e9}
-    greedy = SamplingConfig(do_sample=False, eos_token_ids=[])
     g = torch.Generator().manual_seed(0)
 
     def run(batch: int, prompt: int, new: int, compile: bool = False) -> float:

@@ -12,13 +12,14 @@ import rich lazily (``nemotron --help`` must answer instantly).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 import traceback
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, TypeVar
 
 import typer
 
@@ -44,6 +45,7 @@ __all__ = [
     "ForceOpt",
     "DeviceOpt",
     "DtypeOpt",
+    "MaxShardSizeOpt",
     "example_epilog",
 ]
 
@@ -249,6 +251,19 @@ class Output:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    @contextlib.contextmanager
+    def working(self, text: str) -> Iterator[None]:
+        """A transient spinner with ``text`` on stderr while a long step runs.
+
+        Shown only on a terminal (never under --quiet/--json, nor when stderr is piped or logged)
+        and erased when the step ends, so a failure or an interrupt still leaves exactly one line."""
+        from rich.markup import escape
+        from rich.progress import SpinnerColumn, TextColumn
+
+        with self.progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True) as progress:
+            progress.add_task(escape(text), total=None)
+            yield
+
     def progress(self, *columns: str | ProgressColumn, **kwargs: Any) -> Progress:
         """A rich Progress on stderr; disabled under ``--quiet``/``--json`` or when stderr is
         not a terminal, so piped or logged output is never corrupted. Use ``with out.progress()
@@ -258,6 +273,11 @@ class Output:
         enabled = not (self.quiet or self.json_mode) and self.console.is_terminal
         kwargs.setdefault("disable", not enabled)
         return Progress(*columns, console=self.console, **kwargs)
+
+
+MaxShardSizeOpt = Annotated[
+    str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB.")
+]
 
 
 def example_epilog(*commands: str) -> str:

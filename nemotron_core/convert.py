@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import copy_side_files, load_pretrained, save_pretrained, stored_dtype, weight_files
+from .checkpoint import copy_side_files, save_pretrained, stored_dtype, weight_files
 from .dtypes import dtype_name, parse_dtype
 from .config import load_config
 from .errors import ConfigError, NemotronError

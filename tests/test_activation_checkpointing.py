@@ -18,15 +18,6 @@ from nemotron_core.packing import pack_sequences
 VOCAB = 1024
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops run ~100x slower with two OpenMP threads on a busy shared CPU; one thread avoids it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(preset: str = "tiny-mtp", seed: int = 0) -> NemotronHForCausalLM:
     model = random_model(build_config(preset), torch.float32, seed)
     return tiny.perturb_(model, seed + 1000).train()

@@ -24,15 +24,6 @@ VOCAB = 1024
 IGNORE = -100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops run ~100x slower with two OpenMP threads on a busy shared CPU; one thread avoids it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def perturbed(model: NemotronHForCausalLM, seed: int = 0) -> NemotronHForCausalLM:
     return tiny.perturb_(model, seed + 1000).train()
 

@@ -48,15 +48,6 @@ def rel(ref: torch.Tensor, got: torch.Tensor, scale: torch.Tensor | float | None
     return float((ref.double() - got.double()).abs().max() / max(float(scale), 1e-30))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops run ~100x slower with two OpenMP threads on a busy shared CPU; one thread avoids it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def hybrid():
     return make_model("tiny")

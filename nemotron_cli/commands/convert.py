@@ -6,8 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from nemotron_cli.common import DType, ForceOpt, JsonOpt, Output, QuietOpt, cli_command, example_epilog
-from nemotron_cli.commands.init import working
+from nemotron_cli.common import DType, ForceOpt, JsonOpt, MaxShardSizeOpt, Output, QuietOpt, cli_command, example_epilog
 
 
 def convert(
@@ -15,7 +14,7 @@ def convert(
     dst: Annotated[Path, typer.Argument(help="Output directory (must not exist or be empty, unless --force).")],
     dtype: Annotated[Optional[DType], typer.Option("--dtype", case_sensitive=False,
                                                    help="Target dtype (default: as stored). fp32-only tensors stay fp32.")] = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB.")] = "5GB",
+    max_shard_size: MaxShardSizeOpt = "5GB",
     verify: Annotated[bool, typer.Option("--verify", help="Reload the output and compare logits with the source.")] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -25,7 +24,7 @@ def convert(
     from nemotron_core.convert import convert_model_dir
 
     out = Output(json_mode=json_out, quiet=quiet)
-    with working(out, f"converting {src} -> {dst} ..."):
+    with out.working(f"converting {src} -> {dst} ..."):
         report = convert_model_dir(src, dst, dtype=dtype.value if dtype else None, max_shard_size=max_shard_size,
                                    verify=verify, force=force)
     out.emit(report)

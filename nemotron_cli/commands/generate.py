@@ -336,7 +336,6 @@ def generate(
     from rich.markup import escape
     from transformers import AutoTokenizer
 
-    from nemotron_cli.commands.init import working
     from nemotron_core.generation import SamplingConfig
     from nemotron_core.generation import generate as core_generate
     from nemotron_core.modeling.model import NemotronHForCausalLM
@@ -345,7 +344,7 @@ def generate(
     if dtype is None:
         dtype = DType.bf16 if dev.type == "cuda" else DType.fp32
     t0 = time.perf_counter()
-    with working(out, f"loading {model} ..."):
+    with out.working(f"loading {model} ..."):
         lm = NemotronHForCausalLM.from_pretrained(model, dtype=dtype.to_torch(), device=dev)
         try:
             tok = AutoTokenizer.from_pretrained(str(model), local_files_only=True, trust_remote_code=False)

@@ -1,13 +1,13 @@
 """``nemotron init``: create a model directory (config, tokenizer, random weights) from a preset."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from nemotron_cli.common import DType, DtypeOpt, ForceOpt, JsonOpt, Output, QuietOpt, cli_command, example_epilog
+from nemotron_cli.common import (DType, DtypeOpt, ForceOpt, JsonOpt, MaxShardSizeOpt, Output, QuietOpt, cli_command,
+                                 example_epilog)
 from nemotron_core.errors import InputError
 from nemotron_core.presets import DESCRIPTIONS, preset_names
 
@@ -24,7 +24,7 @@ def init(
     dtype: DtypeOpt = DType.bf16,
     seed: Annotated[int, typer.Option("--seed", help="Random seed for the weights.")] = 0,
     no_weights: Annotated[bool, typer.Option("--no-weights", help="Write config and tokenizer only (for planning real shapes).")] = False,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB, 500MB.")] = "5GB",
+    max_shard_size: MaxShardSizeOpt = "5GB",
     list_: Annotated[bool, typer.Option("--list", help="List the presets with parameter counts and exit.")] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -38,24 +38,10 @@ def init(
         raise InputError("missing OUT_DIR (or pass --list to see the presets)")
     from nemotron_core.create import create_model_dir
 
-    with working(out, f"creating {out_dir} from preset {preset} ..."):
+    with out.working(f"creating {out_dir} from preset {preset} ..."):
         summary = create_model_dir(out_dir, preset=preset, overrides=set_ or [], dtype=dtype.value, seed=seed,
                                    weights=not no_weights, max_shard_size=max_shard_size, force=force)
     out.emit(summary, render=lambda c: _render_summary(c, summary))
-
-
-@contextlib.contextmanager
-def working(out: Output, text: str) -> Iterator[None]:
-    """A transient spinner with ``text`` on stderr while a long step runs.
-
-    Shown only on a terminal (never under --quiet/--json, nor when stderr is piped or logged) and
-    erased when the step ends, so a failure or an interrupt still leaves exactly one line."""
-    from rich.markup import escape
-    from rich.progress import SpinnerColumn, TextColumn
-
-    with out.progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True) as progress:
-        progress.add_task(escape(text), total=None)
-        yield
 
 
 def _render_summary(console, s: dict) -> None:
