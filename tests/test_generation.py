@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 import tiny
 from nemotron_core.cache import NemotronHybridCache
