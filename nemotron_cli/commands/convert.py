@@ -20,7 +20,15 @@ def convert(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Convert a model directory: change dtype, reshard, carry config, generation config and tokenizer."""
+    """Convert a model directory: change dtype, reshard, carry config, generation config and tokenizer.
+
+    The fp32-only tensors (Mamba A_log, D, dt_bias; router weight and correction bias) stay fp32.
+    The output is written to a temporary sibling and renamed when complete.
+
+    `--json` prints one object: `source`, `path`, `source_dtype`, `dtype`, `files`, `tensors`,
+    `size_bytes`, `size`, and with `--verify` also `verify` (`max_abs_diff`, `max_rel_diff`,
+    `tolerance_rel`, `ok`).
+    """
     from nemotron_core.convert import convert_model_dir
 
     out = Output(json_mode=json_out, quiet=quiet)

@@ -30,7 +30,16 @@ def init(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Create a Hugging Face-layout model directory with random weights from a preset."""
+    """Create a Hugging Face-layout model directory with random weights from a preset.
+
+    Writes config.json, generation_config.json, an offline byte-level tokenizer with a chat template
+    and sharded safetensors with an index, all at once: the directory appears only when complete.
+
+    `--json` prints one object: `path`, `preset`, `pattern`, `layers`, `mtp_depths`, `mtp_pattern`,
+    `hidden_size`, `vocab_size`, `parameters` (`total`, `active`), `dtype`, `seed`, `weights`,
+    `size_bytes`, `size`, `tokenizer_vocab`. With `--list`: `{"presets": [{"name", "description",
+    "pattern", "layers", "mtp_depths", "total_parameters", "active_parameters"}, ...]}`.
+    """
     out = Output(json_mode=json_out, quiet=quiet)
     if list_:
         return _list_presets(out)
