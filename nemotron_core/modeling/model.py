@@ -274,7 +274,7 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         keeping the fp32-only parameters in fp32."""
         if any(p.is_meta for p in self.parameters()):
             self.to_empty(device=buffer_device or "cpu")
-        self.model.initialize_weights(buffer_device)
+        self.model.initialize_weights(buffer_device)  # guards the parts a pipeline split removed
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=self.config.initializer_range)
         if self.mtp is not None:
@@ -295,6 +295,57 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         from ..activation_checkpointing import remove_activation_checkpointing
 
         remove_activation_checkpointing(self)
+
+    def _is_pipeline_parallel_stage(self) -> bool:
+        """True when this instance was trimmed to a pipeline stage: lm_head or the embeddings were
+        set to None, or blocks were removed. ``hasattr`` keeps a stub ``self.model`` that does not
+        declare an attribute from being taken for a trimmed stage."""
+        inner = getattr(self, "model", None)
+        if hasattr(self, "lm_head") and self.lm_head is None:
+            return True
+        if inner is not None and hasattr(inner, "embed_tokens") and inner.embed_tokens is None:
+            return True
+        layers = getattr(inner, "layers", None)
+        return layers is not None and len(layers) != self.config.num_hidden_layers
+
+    def customize_pipeline_stage_modules(self, module_names_per_stage: list[list[str]], layers_prefix: str,
+                                         text_model: nn.Module | None = None) -> list[list[str]]:
+        """Pin the MTP head to the last stage (the default per-stage names know nothing of it)."""
+        if self.mtp is not None and module_names_per_stage and "mtp" not in module_names_per_stage[-1]:
+            module_names_per_stage[-1].append("mtp")
+        return module_names_per_stage
+
+    def get_pipeline_stage_metas(self, is_first: bool, microbatch_size: int, seq_len: int,
+                                 dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Analytical (inputs_meta, outputs_meta) for this stage: plain ``[B, S, H]`` between stages,
+        ``1 + D`` tensors when an MTP head is configured."""
+        from ..pipeline import stage_metas
+
+        return stage_metas(self, is_first, microbatch_size, seq_len, dtype)
+
+    def _build_mtp_embed_inputs_for_pp(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-depth future-token embeddings, made on the first stage (which owns ``embed_tokens``)."""
+        from .mtp import future_token_embeddings
+
+        return future_token_embeddings(self.model.embed_tokens, input_ids, self.config.num_nextn_predict_layers)
+
+    def _stage_forward(self, inputs: torch.Tensor, carried: tuple[torch.Tensor, ...], attention_mask=None,
+                       **kwargs: Any):
+        """One pipeline stage: token ids (first stage) or hidden states in; hidden states (plus the
+        MTP embeddings) out, or logits on the last stage (``(logits, *mtp_logits)`` with MTP)."""
+        if inputs.dim() == 1:
+            inputs = inputs[None]
+        meta = self.model.batch_meta(inputs.shape[0], inputs.shape[1], inputs.device, attention_mask, None, **kwargs)
+        if self.model.embed_tokens is not None and self.config.num_nextn_predict_layers > 0:
+            carried = self._build_mtp_embed_inputs_for_pp(inputs)
+        hidden = self.model(input_ids=inputs, batch_meta=meta)
+        if self.lm_head is None:
+            return (hidden, *carried) if carried else hidden
+        logits = self.lm_head(hidden)
+        if self.mtp is not None and carried:
+            per_depth, _ = self.mtp(self, hidden, None, meta, None, embeds=tuple(carried))
+            return (logits, *[self.lm_head(h) for h in per_depth])
+        return logits
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -421,6 +472,9 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
     ) -> NemotronHCausalLMOutputWithPast:
         """Forward pass with optional loss. BSHD ``[B, S]`` or THD (``qkv_format="thd"`` with
         ``cu_seqlens``); ``labels`` are the input ids themselves (shifted here), -100 ignored."""
+        if self._is_pipeline_parallel_stage():
+            return self._stage_forward(input_ids, mtp_embed_inputs, attention_mask, position_ids=position_ids,
+                                       padding_mask=padding_mask, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         if past_key_values is None:
             past_key_values = kwargs.pop("cache", None)  # transformers >= 5.2x names it `cache`

@@ -23,6 +23,14 @@ from .model import Block, causal_lm_loss, init_block, shift_labels
 from .norms import RMSNorm
 
 
+def future_token_embeddings(embed: nn.Module, input_ids: torch.Tensor, depths: int) -> tuple[torch.Tensor, ...]:
+    """Per-depth embeddings of the tokens k ahead (k = 1..D); past the end reads token 0 and is never scored.
+
+    Only the owner of the embedding table can compute them, so under pipeline parallelism the first
+    stage does and the tensors travel with the hidden state to the MTP head on the last stage."""
+    return tuple(embed(F.pad(input_ids, (0, k), value=0)[:, k:]) for k in range(1, depths + 1))
+
+
 class MTPSublayer(Block):
     """A Block, plus the fusion layers on a depth's first sublayer and the final norm on its last."""
 
@@ -64,8 +72,7 @@ class MTPHead(nn.Module):
         return [self.layers[str(base + j)] for j in range(len(self.pattern))]
 
     def embed_inputs(self, embed: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per-depth embeddings of the tokens k ahead (k = 1..D); past the end reads token 0 and is never scored."""
-        return tuple(embed(F.pad(input_ids, (0, k), value=0)[:, k:]) for k in range(1, self.depths + 1))
+        return future_token_embeddings(embed, input_ids, self.depths)
 
     def forward(self, parent: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor | None, meta: BatchMeta,
                 labels: torch.Tensor | None, num_items=None, embeds: tuple[torch.Tensor, ...] | None = None):

@@ -1,0 +1,83 @@
+"""Pipeline-stage splitting: stages chained by hand reproduce the whole model exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemotron_core.create import build_config, random_model
+from nemotron_core.errors import InputError
+from nemotron_core.pipeline import balanced_layer_split, split_model, stage_module_names
+
+import tiny
+
+
+def _model(preset: str):
+    return tiny.perturb_(random_model(build_config(preset), torch.float32, seed=0), 7).eval()
+
+
+def _chain(stages, ids):
+    out = stages[0](ids)
+    for stage in stages[1:]:
+        args = out if isinstance(out, tuple) else (out,)
+        out = stage(*args)
+    return out
+
+
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_chained_stages_equal_the_full_model(num_stages: int) -> None:
+    model = _model("tiny")
+    ids = torch.randint(0, 1024, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        logits = _chain(split_model(model, num_stages), ids)
+    assert torch.equal(logits, full)
+
+
+def test_mtp_embeddings_travel_to_the_last_stage() -> None:
+    model = _model("tiny-mtp")
+    depths = model.config.num_nextn_predict_layers
+    ids = torch.randint(0, 1024, (1, 23), generator=torch.Generator().manual_seed(1))
+    stages = split_model(model, 3)
+    with torch.no_grad():
+        first = stages[0](ids)
+        assert isinstance(first, tuple) and len(first) == 1 + depths  # hidden + D future-token embeddings
+        out = _chain(stages, ids)
+        ref = model(ids, return_mtp=True)
+    assert torch.equal(out[0], ref.logits)
+    for k in range(depths):
+        assert torch.equal(out[1 + k], model.lm_head(ref.mtp_per_depth_h[k]))
+
+
+def test_stage_names_partition_the_state_dict_and_pin_mtp_last() -> None:
+    model = _model("tiny-mtp")
+    names = stage_module_names(model, 3)
+    assert names[0][0] == "model.embed_tokens" and names[-1][-1] == "mtp"
+    stages = split_model(model, 3)
+    keys = [set(s.state_dict()) for s in stages]
+    assert set.union(*keys) == set(model.state_dict())
+    assert sum(len(k) for k in keys) == len(model.state_dict())  # disjoint
+    assert not model._is_pipeline_parallel_stage()
+    assert all(s._is_pipeline_parallel_stage() for s in stages)
+
+
+def test_stage_metas_describe_real_outputs() -> None:
+    model = _model("tiny-mtp")
+    stages = split_model(model, 2)
+    ids = torch.randint(0, 1024, (2, 11))
+    with torch.no_grad():
+        first_out = stages[0](ids)
+        last_out = stages[1](*first_out)
+    ins, outs = stages[0].get_pipeline_stage_metas(True, 2, 11, torch.float32)
+    assert [t.shape for t in ins] == [ids.shape]
+    assert [t.shape for t in outs] == [t.shape for t in first_out]
+    ins, outs = stages[1].get_pipeline_stage_metas(False, 2, 11, torch.float32)
+    assert [t.shape for t in ins] == [t.shape for t in first_out]
+    assert outs[0].shape == last_out[0].shape
+
+
+def test_trimmed_stage_initializes_and_bad_splits_are_refused() -> None:
+    stages = split_model(_model("tiny"), 2)
+    stages[1].initialize_weights(dtype=torch.float32)  # no embeddings on this stage: guarded
+    with pytest.raises(InputError):
+        balanced_layer_split(8, 9)
+    assert [len(r) for r in balanced_layer_split(8, 3)] == [3, 3, 2]
