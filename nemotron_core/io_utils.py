@@ -38,6 +38,14 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def human_count(n: int) -> str:
+    """``31577937344`` -> ``31.58B`` (parameter counts)."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
 def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
     """Refuse a non-empty existing output (or a file in the way) unless ``force``."""
     p = Path(path)

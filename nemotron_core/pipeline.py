@@ -27,10 +27,44 @@ def balanced_layer_split(num_layers: int, num_stages: int) -> list[range]:
     return ranges
 
 
-def stage_module_names(model, num_stages: int, layers_prefix: str = "model.") -> list[list[str]]:
+def cost_balanced_split(costs: list[int], num_stages: int, first_extra: int = 0, last_extra: int = 0) -> list[range]:
+    """Contiguous ranges minimising the largest stage cost (the first and last stage also carry
+    ``first_extra`` / ``last_extra``: embeddings, final norm, lm_head, MTP head)."""
+    n = len(costs)
+    if not 1 <= num_stages <= n:
+        raise InputError(f"cannot split {n} layers into {num_stages} pipeline stages")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(stage: int, i: int, j: int) -> int:  # layers i..j-1 as stage `stage`
+        extra = (first_extra if stage == 0 else 0) + (last_extra if stage == num_stages - 1 else 0)
+        return prefix[j] - prefix[i] + extra
+
+    inf = float("inf")
+    # best[s][j]: minimal max-cost placing layers 0..j-1 on stages 0..s-1; cut[s][j] the last cut.
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0
+    for s in range(1, num_stages + 1):
+        for j in range(s, n - (num_stages - s) + 1):
+            for i in range(s - 1, j):
+                value = max(best[s - 1][i], cost(s - 1, i, j))
+                if value < best[s][j]:
+                    best[s][j], cut[s][j] = value, i
+    ranges, j = [], n
+    for s in range(num_stages, 0, -1):
+        i = cut[s][j]
+        ranges.append(range(i, j))
+        j = i
+    return ranges[::-1]
+
+
+def stage_module_names(model, num_stages: int, layers_prefix: str = "model.",
+                       splits: list[range] | None = None) -> list[list[str]]:
     """Fully qualified module names each stage owns (the model's hook adds the MTP head last)."""
     names = []
-    splits = balanced_layer_split(len(model.model.layers), num_stages)
+    splits = splits or balanced_layer_split(len(model.model.layers), num_stages)
     keys = list(model.model.layers.keys())
     for s, r in enumerate(splits):
         stage = [f"{layers_prefix}layers.{keys[i]}" for i in r]
@@ -60,12 +94,58 @@ def trim_to_stage(model, module_names: list[str]):
     return model
 
 
-def split_model(model, num_stages: int) -> list[Any]:
+def split_model(model, num_stages: int, splits: list[range] | None = None) -> list[Any]:
     """Split ``model`` into ``num_stages`` stage models (deep copies; build on meta for real sizes)."""
     import copy
 
-    names = stage_module_names(model, num_stages)
+    names = stage_module_names(model, num_stages, splits=splits)
     return [trim_to_stage(copy.deepcopy(model), stage) for stage in names]
+
+
+def _numel(module) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def _bytes(module, dtype: torch.dtype) -> int:
+    from .dtypes import target_dtype
+
+    if module is None:
+        return 0
+    return sum(p.numel() * target_dtype(n, dtype).itemsize for n, p in module.named_parameters())
+
+
+def plan_stages(config, num_stages: int, balance: str = "params", microbatch_size: int = 1, seq_len: int = 4096,
+                dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """A pipeline layout for ``config``, computed on the meta device (no memory, no weights)."""
+    from .dtypes import dtype_name
+    from .params import build_meta_model
+
+    if balance not in ("params", "layers"):
+        raise InputError(f"balance must be 'params' or 'layers', got {balance!r}")
+    model = build_meta_model(config)
+    layers = list(model.model.layers.values())
+    if balance == "layers":
+        splits = balanced_layer_split(len(layers), num_stages)
+    else:
+        splits = cost_balanced_split(
+            [_numel(b) for b in layers], num_stages, first_extra=_numel(model.model.embed_tokens),
+            last_extra=_numel(model.model.norm) + _numel(model.lm_head) + _numel(model.mtp))
+    stages = split_model(model, num_stages, splits)
+    out = []
+    for i, (stage, r) in enumerate(zip(stages, splits)):
+        ins, outs = stage.get_pipeline_stage_metas(i == 0, microbatch_size, seq_len, dtype)
+        owns = [name for name, m in (("embed_tokens", stage.model.embed_tokens), ("norm", stage.model.norm),
+                                     ("lm_head", stage.lm_head), ("mtp", stage.mtp)) if m is not None]
+        out.append({
+            "stage": i, "layers": [r.start, r.stop - 1], "pattern": "".join(config.pattern[r.start:r.stop]),
+            "owns": owns, "parameters": _numel(stage), "weight_bytes": _bytes(stage, dtype),
+            "receives": [list(t.shape) for t in ins], "sends": [list(t.shape) for t in outs],
+            "send_bytes": 0 if i == num_stages - 1 else sum(t.numel() * t.element_size() for t in outs),
+        })
+    params = [s["parameters"] for s in out]
+    return {"stages": out, "num_stages": num_stages, "balance": balance, "microbatch_size": microbatch_size,
+            "seq_len": seq_len, "dtype": dtype_name(dtype), "total_parameters": sum(params),
+            "imbalance": max(params) / (sum(params) / len(params))}
 
 
 def stage_metas(model, is_first: bool, microbatch_size: int, seq_len: int,

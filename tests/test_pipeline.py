@@ -81,3 +81,59 @@ def test_trimmed_stage_initializes_and_bad_splits_are_refused() -> None:
     with pytest.raises(InputError):
         balanced_layer_split(8, 9)
     assert [len(r) for r in balanced_layer_split(8, 3)] == [3, 3, 2]
+
+
+# ---- nemotron inspect-pp -----------------------------------------------------------------------------
+def test_cost_balanced_split_is_optimal_on_a_small_case() -> None:
+    from itertools import combinations
+
+    from nemotron_core.pipeline import cost_balanced_split
+
+    costs = [5, 1, 1, 8, 2, 2, 7, 1]
+    got = cost_balanced_split(costs, 3, first_extra=3, last_extra=4)
+
+    def worst(cuts):
+        bounds = [0, *cuts, len(costs)]
+        loads = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+        loads[0] += 3
+        loads[-1] += 4
+        return max(loads)
+
+    best = min(worst(c) for c in combinations(range(1, len(costs)), 2))
+    assert worst([r.start for r in got[1:]]) == best
+    assert [r.start for r in got] == [0, got[1].start, got[2].start] and got[-1].stop == len(costs)
+
+
+def test_inspect_pp_cli_plans_real_shapes(tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from nemotron_cli.app import app
+    from nemotron_core.params import count_parameters
+
+    result = CliRunner().invoke(app, ["inspect-pp", "nemotron-3-nano-30b-a3b", "--stages", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    total = count_parameters(build_config("nemotron-3-nano-30b-a3b"))["total"]
+    assert plan["total_parameters"] == total == sum(s["parameters"] for s in plan["stages"])
+    assert [s["layers"] for s in plan["stages"]][0][0] == 0 and plan["stages"][-1]["layers"][1] == 51
+    assert plan["stages"][0]["sends"] == [[1, 4096, 2688]]
+    by_layers = json.loads(CliRunner().invoke(app, ["inspect-pp", "nemotron-3-nano-30b-a3b", "--stages", "4",
+                                                    "--balance", "layers", "--json"]).stdout)
+    assert plan["imbalance"] <= by_layers["imbalance"]
+    # A model directory works too (config only), and an MTP model sends 1 + D tensors.
+    made = CliRunner().invoke(app, ["init", str(tmp_path / "m"), "--preset", "tiny-mtp", "--no-weights", "--quiet"])
+    assert made.exit_code == 0
+    mtp = json.loads(CliRunner().invoke(app, ["inspect-pp", str(tmp_path / "m"), "--stages", "2", "--json"]).stdout)
+    assert len(mtp["stages"][0]["sends"]) == 3 and "mtp" in mtp["stages"][-1]["owns"]
+
+
+@pytest.mark.parametrize("args", [["nope"], ["tiny", "--stages", "20"], ["tiny", "--stages", "0"],
+                                  ["tiny", "--balance", "weird"]])
+def test_inspect_pp_bad_input_is_one_line(args) -> None:
+    from cli_helpers import run_nemotron
+
+    proc = run_nemotron("inspect-pp", *args)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1

@@ -74,6 +74,7 @@ def _render_summary(console, s: dict) -> None:
 
 def _list_presets(out: Output) -> None:
     from nemotron_core.create import build_config, summarize
+    from nemotron_core.io_utils import human_count
 
     rows = []
     for name in preset_names():
@@ -93,18 +94,11 @@ def _list_presets(out: Output) -> None:
             t.add_column(col, justify="right", no_wrap=True)
         t.add_column("description", overflow="fold", min_width=len("description"))
         for r in rows:
-            t.add_row(r["name"], str(r["layers"]), _short(r["total_parameters"]), _short(r["active_parameters"]),
+            t.add_row(r["name"], str(r["layers"]), human_count(r["total_parameters"]), human_count(r["active_parameters"]),
                       r["description"])
         console.print(t)
 
     out.emit({"presets": rows}, render=render)
-
-
-def _short(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
 
 
 def register(app: typer.Typer) -> None:
