@@ -23,6 +23,11 @@ def causal_conv1d(
     bsz, seqlen, channels = x.shape
     k = weight.shape[-1]
     xt = x.transpose(1, 2).to(weight.dtype)
+    if initial_state is None and seq_idx is None:
+        # The common prefill/training case: let the conv pad, rather than concatenating a copy of x.
+        out = F.conv1d(xt, weight.unsqueeze(1), bias, padding=k - 1, groups=channels)[..., :seqlen]
+        final_state = F.pad(xt[..., max(seqlen - (k - 1), 0):], (max(k - 1 - seqlen, 0), 0))
+        return F.silu(out).transpose(1, 2).to(x.dtype), final_state
     if initial_state is None:
         initial_state = xt.new_zeros(bsz, channels, k - 1)
     xpad = torch.cat([initial_state.to(xt.dtype), xt], dim=-1)  # [B, C, K-1+S]

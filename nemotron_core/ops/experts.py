@@ -53,10 +53,12 @@ def grouped_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, u
     # scatter_add rather than bincount: bincount syncs with the host on CUDA (it sizes its output).
     counts = torch.zeros(up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0).to(torch.int32)
-    xs = x[order // topk]
+    xs = x.index_select(0, order // topk)
     h = relu2(_grouped_mm(xs, up.transpose(1, 2), offs))
     y = _grouped_mm(h, down.transpose(1, 2), offs)
-    slots = torch.empty_like(y)
-    slots[order] = y  # back to (token, k) order, so the k-sum below is deterministic
+    # Back to (token, k) order with a gather (cheaper than an indexed write), so the k-sum below is
+    # deterministic.
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    slots = y.index_select(0, inverse)
     out = (slots.view(ntok, topk, -1).float() * weights[..., None].float()).sum(1)
     return out.to(x.dtype)
