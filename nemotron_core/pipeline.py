@@ -114,8 +114,25 @@ def _bytes(module, dtype: torch.dtype) -> int:
     return sum(p.numel() * target_dtype(n, dtype).itemsize for n, p in module.named_parameters())
 
 
+SCHEDULES = ("1f1b", "gpipe")
+
+
+def schedule_profile(schedule: str, num_stages: int, microbatches: int) -> dict[str, Any]:
+    """Idle fraction and microbatches whose activations a stage holds at once, for the two classic
+    schedules (equal stage times assumed). Both idle (p-1)/(m+p-1) of the time; GPipe keeps all m
+    microbatches' activations until the backward starts, 1F1B at most p - stage."""
+    if schedule not in SCHEDULES:
+        raise InputError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if microbatches < 1:
+        raise InputError("microbatches must be at least 1")
+    p, m = num_stages, microbatches
+    in_flight = [m if schedule == "gpipe" else min(p - i, m) for i in range(p)]
+    return {"schedule": schedule, "microbatches": m, "bubble_fraction": (p - 1) / (m + p - 1),
+            "in_flight_microbatches": in_flight}
+
+
 def plan_stages(config, num_stages: int, balance: str = "params", microbatch_size: int = 1, seq_len: int = 4096,
-                dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+                dtype: torch.dtype = torch.bfloat16, schedule: str = "1f1b", microbatches: int | None = None) -> dict[str, Any]:
     """A pipeline layout for ``config``, computed on the meta device (no memory, no weights)."""
     from .dtypes import dtype_name
     from .params import build_meta_model
@@ -143,9 +160,13 @@ def plan_stages(config, num_stages: int, balance: str = "params", microbatch_siz
             "send_bytes": 0 if i == num_stages - 1 else sum(t.numel() * t.element_size() for t in outs),
         })
     params = [s["parameters"] for s in out]
+    sched = schedule_profile(schedule, num_stages, microbatches or 2 * num_stages)
+    for s, held in zip(out, sched["in_flight_microbatches"]):
+        s["in_flight_microbatches"] = held
     return {"stages": out, "num_stages": num_stages, "balance": balance, "microbatch_size": microbatch_size,
             "seq_len": seq_len, "dtype": dtype_name(dtype), "total_parameters": sum(params),
-            "imbalance": max(params) / (sum(params) / len(params))}
+            "imbalance": max(params) / (sum(params) / len(params)), "schedule": sched["schedule"],
+            "microbatches": sched["microbatches"], "bubble_fraction": sched["bubble_fraction"]}
 
 
 def stage_metas(model, is_first: bool, microbatch_size: int, seq_len: int,

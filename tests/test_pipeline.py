@@ -137,3 +137,19 @@ def test_inspect_pp_bad_input_is_one_line(args) -> None:
     proc = run_nemotron("inspect-pp", *args)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1
+
+
+def test_schedules_bubble_and_memory_and_completion() -> None:
+    from cli_helpers import complete_bash
+
+    from nemotron_cli.commands.inspect_pp import SCHEDULES as CLI_SCHEDULES
+    from nemotron_core.pipeline import SCHEDULES, schedule_profile
+
+    assert CLI_SCHEDULES == SCHEDULES
+    g = schedule_profile("gpipe", 4, 8)
+    o = schedule_profile("1f1b", 4, 8)
+    assert g["bubble_fraction"] == o["bubble_fraction"] == 3 / 11
+    assert g["in_flight_microbatches"] == [8, 8, 8, 8] and o["in_flight_microbatches"] == [4, 3, 2, 1]
+    with pytest.raises(InputError):
+        schedule_profile("zero-bubble", 4, 8)
+    assert complete_bash(["nemotron", "inspect-pp", "tiny", "--schedule", ""]) == list(SCHEDULES)
