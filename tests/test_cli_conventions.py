@@ -16,7 +16,8 @@ from nemotron_core.presets import preset_names
 
 # ---- completion ------------------------------------------------------------------------------------
 def test_completes_command_names() -> None:
-    assert complete_bash(["nemotron", "in"]) == ["init"]
+    assert complete_bash(["nemotron", "in"]) == ["init", "inspect-pp"]
+    assert complete_bash(["nemotron", "ini"]) == ["init"]
 
 
 def test_completes_generate_options() -> None:
