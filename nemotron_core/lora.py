@@ -382,22 +382,22 @@ def mark_only_lora_trainable(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every LoRA layer into its base weight and put the plain ``nn.Linear`` back."""
+def _put_bases_back(model: nn.Module, fold: bool) -> nn.Module:
     for real, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            module.merge()
+            module.merge() if fold else module.unmerge()
             _set_module(model, real, module.base)
     return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into its base weight and put the plain ``nn.Linear`` back."""
+    return _put_bases_back(model, fold=True)
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every LoRA layer (unmerging first if merged), restoring the base model."""
-    for real, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            module.unmerge()
-            _set_module(model, real, module.base)
-    return model
+    return _put_bases_back(model, fold=False)
 
 
 # ---- reading and writing adapter directories ------------------------------------------------------
