@@ -6,10 +6,12 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise in fp32, multiply by the weight in fp32, cast back to the input dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * h).to(x.dtype)
+    """Normalise in fp32, multiply by the weight in fp32, cast back to the input dtype.
+
+    ``F.rms_norm`` computes exactly ``x * rsqrt(mean(x^2) + eps) * w`` (bit-identical on CPU to the
+    spelled-out form) and is one fused kernel on CUDA instead of six: it runs twice per block, so at
+    decode time that is several hundred launches per token saved."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
