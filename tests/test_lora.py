@@ -343,3 +343,40 @@ def test_help_mentions_adapter():
 
     r = CliRunner().invoke(app, ["generate", "--help"])
     assert r.exit_code == 0 and "--adapter" in r.stdout
+
+
+# ---- nemotron convert --adapter -------------------------------------------------------------------------------
+def test_convert_merges_an_adapter(cli_model, tmp_path):
+    """The merged directory is a plain model reproducing base + adapter, up to the merge's rounding
+    (convert.VERIFY_MERGE_RTOL) in fp32 and the bf16 rounding when cast; --verify checks it."""
+    from nemotron_core.convert import VERIFY_MERGE_RTOL
+
+    from nemotron_cli.app import app
+
+    model_dir, _ = cli_model
+    # A realistic adapter: a small update to the weights (cli_model's is deliberately huge, which makes
+    # the random network chaotic under any rounding).
+    model = ours(model_dir)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=ALL_TARGETS)
+    apply_lora(model, config)
+    randomise_lora_(model, seed=11, scale=0.05)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, config)
+    ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(9))
+    with_adapter = ours(model_dir)
+    load_adapter(with_adapter, adapter)
+    want = logits(with_adapter, ids)
+    for dtype, tol in (("fp32", VERIFY_MERGE_RTOL), ("bf16", 3e-2)):
+        out = tmp_path / dtype
+        r = CliRunner().invoke(app, ["convert", str(model_dir), str(out), "--adapter", str(adapter),
+                                     "--dtype", dtype, "--verify", "--json"])
+        assert r.exit_code == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["adapter"] == str(adapter) and report["verify"]["ok"]
+        merged = NemotronHForCausalLM.from_pretrained(str(out), dtype="fp32")
+        assert not any("lora" in k for k in merged.state_dict())
+        got = logits(merged, ids)
+        assert float((got - want).abs().max() / want.abs().max()) < tol
+    assert float((logits(ours(model_dir), ids) - want).abs().max() / want.abs().max()) > 3e-2  # the adapter matters
+    bad = CliRunner().invoke(app, ["convert", str(model_dir), str(tmp_path / "x"), "--adapter", str(tmp_path / "none")])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and not (tmp_path / "x").exists()

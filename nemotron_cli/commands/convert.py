@@ -16,6 +16,9 @@ def convert(
                                                    help="Target dtype (default: as stored). fp32-only tensors stay fp32.")] = None,
     max_shard_size: MaxShardSizeOpt = "5GB",
     verify: Annotated[bool, typer.Option("--verify", help="Reload the output and compare logits with the source.")] = False,
+    adapter: Annotated[Optional[Path], typer.Option(
+        "--adapter", help="Merge this PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) "
+                          "into the weights, writing a plain model.")] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -25,16 +28,18 @@ def convert(
     The fp32-only tensors (Mamba A_log, D, dt_bias; router weight and correction bias) stay fp32.
     The output is written to a temporary sibling and renamed when complete.
 
+    `--adapter DIR` merges a PEFT-format LoRA adapter (computed in fp32, rounded once on save).
+
     `--json` prints one object: `source`, `path`, `source_dtype`, `dtype`, `files`, `tensors`,
-    `size_bytes`, `size`, and with `--verify` also `verify` (`max_abs_diff`, `max_rel_diff`,
-    `tolerance_rel`, `ok`).
+    `size_bytes`, `size`, `adapter` (when given), and with `--verify` also `verify` (`max_abs_diff`,
+    `max_rel_diff`, `tolerance_rel`, `ok`).
     """
     from nemotron_core.convert import convert_model_dir
 
     out = Output(json_mode=json_out, quiet=quiet)
     with out.working(f"converting {src} -> {dst} ..."):
         report = convert_model_dir(src, dst, dtype=dtype.value if dtype else None, max_shard_size=max_shard_size,
-                                   verify=verify, force=force)
+                                   verify=verify, force=force, adapter=adapter)
     out.emit(report)
 
 
@@ -42,4 +47,5 @@ def register(app: typer.Typer) -> None:
     app.command("convert", epilog=example_epilog(
         "nemotron convert ./model ./model-bf16 --dtype bf16 --verify",
         "nemotron convert ./model ./resharded --max-shard-size 500MB --json",
+        "nemotron convert ./base ./merged --adapter ./my-lora --verify",
     ))(cli_command(convert))
