@@ -29,7 +29,6 @@ when that does not hold it raises InputError rather than guess.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .jsonl import json_type, parse_json_line
 from .packing import IGNORE_INDEX, pack_sequences
 
 __all__ = ["Example", "IGNORE_INDEX", "load_examples", "make_batches", "count_trained_tokens"]
@@ -122,19 +122,11 @@ def _parse_line(
 ) -> Example | None:
     """Turn one raw line into an Example (None for a blank line); raises _LineError."""
     try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _LineError(f"not valid UTF-8 (byte {e.start})") from e
-    if lineno == 1:
-        line = line.removeprefix("\ufeff")  # a BOM some editors write; not part of the JSON
-    if not line.strip():
+        record = parse_json_line(raw, first_line=lineno == 1)
+    except ValueError as e:
+        raise _LineError(str(e)) from None
+    if record is None:
         return None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _LineError(f"malformed JSON: {e.msg} (column {e.colno})") from e
-    if not isinstance(record, dict):
-        raise _LineError(f"expected a JSON object, got {_json_type(record)}")
 
     if "text" in record:
         input_ids, labels = _text_example(record, tokenizer)
@@ -162,7 +154,7 @@ def _parse_line(
 def _text_example(record: dict, tokenizer: Any) -> tuple[list[int], list[int]]:
     text = record["text"]
     if not isinstance(text, str):
-        raise _LineError(f'"text" must be a string, got {_json_type(text)}')
+        raise _LineError(f'"text" must be a string, got {json_type(text)}')
     if not text:
         raise _LineError('"text" is empty')
     ids = _encode(tokenizer, text, add_special_tokens=True) + [_eos_id(tokenizer)]
@@ -174,7 +166,7 @@ def _prompt_completion_example(record: dict, tokenizer: Any) -> tuple[list[int],
         if key not in record:
             raise _LineError(f'"prompt" and "completion" go together; "{key}" is missing')
         if not isinstance(record[key], str):
-            raise _LineError(f'"{key}" must be a string, got {_json_type(record[key])}')
+            raise _LineError(f'"{key}" must be a string, got {json_type(record[key])}')
     # Tokenized separately so the boundary is exact: joint tokenization could merge the last prompt
     # bytes with the first completion bytes into one token that is neither prompt nor completion.
     prompt = _encode(tokenizer, record["prompt"], add_special_tokens=True)
@@ -197,13 +189,13 @@ def _chat_example(messages: Any, tokenizer: Any, chat_markers: bool) -> tuple[li
 def _check_messages(messages: Any) -> list[dict[str, str]]:
     """Validate a ``messages`` list; returns it with only role and content (other keys ignored)."""
     if not isinstance(messages, list):
-        raise _LineError(f'"messages" must be a list, got {_json_type(messages)}')
+        raise _LineError(f'"messages" must be a list, got {json_type(messages)}')
     if not messages:
         raise _LineError('"messages" is empty')
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise _LineError(f"messages[{i}] must be an object, got {_json_type(message)}")
+            raise _LineError(f"messages[{i}] must be an object, got {json_type(message)}")
         for key in ("role", "content"):
             if key not in message:
                 raise _LineError(f'messages[{i}] has no "{key}"')
@@ -211,7 +203,7 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
         if role not in CHAT_ROLES:
             raise _LineError(f"messages[{i}] has unknown role {role!r} (expected system, user or assistant)")
         if not isinstance(content, str):
-            raise _LineError(f'messages[{i}] "content" must be a string, got {_json_type(content)}')
+            raise _LineError(f'messages[{i}] "content" must be a string, got {json_type(content)}')
         out.append({"role": role, "content": content})
     return out
 
@@ -295,12 +287,6 @@ def _eos_id(tokenizer: Any) -> int:
     if eos is None:
         raise _LineError("the tokenizer has no eos_token_id, needed to end text and completion examples")
     return int(eos)
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-             int: "a number", float: "a number"}
-    return names.get(type(value), type(value).__name__)
 
 
 def _one_line(message: str) -> str:

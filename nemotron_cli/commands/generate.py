@@ -48,7 +48,6 @@ pickled-only (adapter_model.bin) or mismatched adapter is one ``error:`` line an
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ import typer
 
 from nemotron_cli.common import EXIT_INTERRUPTED, DType, DeviceOpt, Output, QuietOpt, cli_command, example_epilog
 from nemotron_core.errors import InputError
+from nemotron_core.jsonl import parse_json_line
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -79,15 +79,13 @@ class PromptRecord:
 def _parse_jsonl(text: str, origin: str) -> list[PromptRecord]:
     records = []
     for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
         where = f"{origin} line {n}"
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{where}: expected a JSON object with \"prompt\" or \"messages\"")
+            obj = parse_json_line(line, first_line=n == 1)
+        except ValueError as e:
+            raise InputError(f"{where}: {e}") from None
+        if obj is None:
+            continue
         if "messages" in obj:
             msgs = obj["messages"]
             if (not isinstance(msgs, list) or not msgs or not all(
