@@ -312,3 +312,19 @@ def test_from_pretrained_dtype_auto_loads_as_stored(tmp_path):
     assert NemotronHForCausalLM.from_pretrained(tmp_path).dtype == torch.bfloat16  # default: as stored
     assert NemotronHForCausalLM.from_pretrained(tmp_path, torch_dtype="auto").dtype == torch.bfloat16
     assert NemotronHForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
+
+
+def test_experts_follow_autocast_on_the_grouped_path(monkeypatch):
+    """Autocast does not cover grouped GEMMs; the experts compute in its dtype (as a Linear would)
+    instead of falling back to the loop, and stay close to the fp32 result."""
+    from nemotron_core.create import build_config, random_model
+    from nemotron_core.ops import experts as experts_ops
+
+    model = random_model(build_config("tiny"), torch.float32, seed=0).eval()
+    ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        monkeypatch.setattr(experts_ops, "loop_experts", lambda *a: (_ for _ in ()).throw(AssertionError("loop")))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(ids).logits
+    assert float((got.float() - want).abs().max() / want.abs().max()) < 5e-2

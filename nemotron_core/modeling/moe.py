@@ -55,14 +55,19 @@ class Experts(nn.Module):
         self.impl = impl
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # Autocast does not cover grouped GEMMs: do what it does for a Linear (compute in its dtype),
+        # and otherwise compute in the weights' dtype (e.g. fp32 activations on a bf16 LoRA base).
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.up_proj.dtype
+        x, up, down = x.to(dtype), self.up_proj.to(dtype), self.down_proj.to(dtype)
         if self.impl == "loop":
-            return loop_experts(x, idx, weights, self.up_proj, self.down_proj)
+            return loop_experts(x, idx, weights, up, down)
         if x.is_cuda and not torch.is_grad_enabled():
             from ..ops import triton_experts
 
-            if triton_experts.supported(x, idx, self.up_proj, self.down_proj):  # decode: a few slots
-                return triton_experts.gemv_experts(x, idx, weights, self.up_proj, self.down_proj)
-        return grouped_experts(x, idx, weights, self.up_proj, self.down_proj)
+            if triton_experts.supported(x, idx, up, down):  # decode: a few slots
+                return triton_experts.gemv_experts(x, idx, weights, up, down)
+        return grouped_experts(x, idx, weights, up, down)
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.up_proj, std=std)
