@@ -16,7 +16,7 @@ from nemotron_cli.common import example_epilog, set_debug
 
 # Each module defines `register(app)`. Modules that do not exist yet are skipped, so commands can
 # land one at a time.
-COMMAND_MODULES = ["env", "init", "convert", "generate", "finetune", "inspect_pp"]
+COMMAND_MODULES = ["env", "init", "convert", "generate", "finetune", "eval", "inspect_pp"]
 
 app = typer.Typer(
     name="nemotron",
