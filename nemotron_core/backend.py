@@ -132,6 +132,27 @@ def resolve_attn(backend: BackendConfig, device_type: str, packed: bool = False,
     return backend.attn
 
 
+def resolve_device(device: str):
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` -> a torch.device, checked."""
+    import torch
+
+    from .errors import InputError
+
+    d = device.strip().lower()
+    if d not in ("auto", "cpu", "cuda") and not (d.startswith("cuda:") and d[5:].isdigit()):
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available (try --device cpu)")
+    dev = torch.device(d)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def describe_backends() -> dict[str, Any]:
     """What `nemotron env` reports: which fast paths could be active on this machine."""
     import torch

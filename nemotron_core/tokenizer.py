@@ -42,6 +42,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "build_tokenizer",
     "save_tokenizer",
+    "load_tokenizer",
 ]
 
 UNK_TOKEN = "<unk>"
@@ -365,3 +366,15 @@ def save_tokenizer(out_dir: str | os.PathLike, vocab_size: int) -> dict[str, Any
         "chat_eos_token_ids": [SPECIAL_TOKENS.index(EOS_TOKEN), SPECIAL_TOKENS.index(IM_END_TOKEN)],
         "vocab_size": len(tokenizer),
     }
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """A model directory's tokenizer: local files only, never remote code; one-line InputError."""
+    from transformers import AutoTokenizer
+
+    from nemotron_core.errors import InputError
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{model_dir}: cannot load the tokenizer ({' '.join(str(e).split())})") from None

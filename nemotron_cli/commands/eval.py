@@ -43,7 +43,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nemotron_cli.common import DType, DeviceOpt, Output, QuietOpt, cli_command, example_epilog
+from nemotron_core.backend import resolve_device
 from nemotron_core.errors import InputError
+from nemotron_core.tokenizer import load_tokenizer
 
 INSTALL_HINT = "pip install 'nemotron[eval]'"  # kept equal to nemotron_core.evaluation.LM_EVAL_HINT (a test checks)
 
@@ -151,14 +153,13 @@ def eval_command(
         _require_lm_eval()
     _quiet_third_party(out)
 
-    from nemotron_cli.commands.finetune import _resolve_device
     from nemotron_core.config import load_config
 
     config = load_config(model)  # a broken config.json fails before anything heavy is read
     limit_pos = getattr(config, "max_position_embeddings", None)
     if max_length is not None and limit_pos and max_length > limit_pos:
         raise InputError(f"--max-length {max_length} exceeds the model's limit of {limit_pos} positions")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if dtype is None:
         dtype = DType.bf16 if dev.type == "cuda" else DType.fp32
     if data is not None:
@@ -173,17 +174,13 @@ def _perplexity(out: Output, model: Path, data: Path, adapter: Path | None, batc
     import time
 
     from rich.markup import escape
-    from transformers import AutoTokenizer
 
     from nemotron_core.data import load_examples
     from nemotron_core.evaluation import load_for_eval, perplexity
 
     t0 = time.perf_counter()
     with out.working(f"loading {model} ..."):
-        try:
-            tok = AutoTokenizer.from_pretrained(str(model), local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"{model}: cannot load the tokenizer ({' '.join(str(e).split())})") from None
+        tok = load_tokenizer(model)
         examples = load_examples(data, tok, max_length)  # bad data fails before the weights are read
         lm, tok = load_for_eval(model, adapter=adapter, device=dev, dtype=dtype.to_torch(), tokenizer=tok)
     out.info(escape(f"loaded {model}{f' + {adapter}' if adapter else ''} on {dev} in {dtype} "

@@ -48,7 +48,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nemotron_cli.common import DType, DeviceOpt, Output, QuietOpt, cli_command, example_epilog
+from nemotron_core.backend import resolve_device
 from nemotron_core.errors import InputError
+from nemotron_core.tokenizer import load_tokenizer
 
 SCHEDULES = ("cosine", "linear", "constant")  # kept in step with nemotron_core.training.SCHEDULES (a test checks)
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,in_proj,up_proj,down_proj"
@@ -64,24 +66,6 @@ def _flag_error(e: InputError) -> InputError:
     if name in _FLAGS:
         return InputError(f"{_FLAGS[name]} {e.detail}")  # type: ignore[attr-defined]
     return e
-
-
-def _resolve_device(device: str):
-    import torch
-
-    d = device.strip().lower()
-    if d not in ("auto", "cpu", "cuda") and not (d.startswith("cuda:") and d[5:].isdigit()):
-        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if d == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if d == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available (try --device cpu)")
-    dev = torch.device(d)
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    return dev
 
 
 def _check_paths(model: Path, data: Path, eval_data: Path | None, output: Path) -> None:
@@ -225,7 +209,6 @@ def finetune(
 
     import torch
     from rich.markup import escape
-    from transformers import AutoTokenizer
 
     from nemotron_core.checkpoint import stored_dtype, weight_files
     from nemotron_core.data import load_examples, make_batches
@@ -234,14 +217,11 @@ def finetune(
     from nemotron_core.modeling.model import NemotronHForCausalLM
     from nemotron_core.training import epoch_batches, plan_steps, train
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     compute = "bf16" if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and dev.type == "cuda")) else "fp32"
     t0 = time.perf_counter()
     with out.working(f"loading {model} ..."):
-        try:
-            tok = AutoTokenizer.from_pretrained(str(model), local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"{model}: cannot load the tokenizer ({' '.join(str(e).split())})") from None
+        tok = load_tokenizer(model)
         examples = load_examples(data, tok, max_length)
         eval_examples = load_examples(eval_data, tok, max_length) if eval_data is not None else None
         stored = stored_dtype(weight_files(model))

@@ -56,7 +56,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nemotron_cli.common import EXIT_INTERRUPTED, DType, DeviceOpt, Output, QuietOpt, cli_command, example_epilog
+from nemotron_core.backend import resolve_device
 from nemotron_core.errors import InputError
+from nemotron_core.tokenizer import load_tokenizer
 from nemotron_core.jsonl import parse_json_line
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -222,22 +224,6 @@ def _tokens_until_stop(tok, ids: list[int], stops: list[str]) -> int:
 
 
 # ---- the command ----------------------------------------------------------------------------------------------
-def _resolve_device(device: str):
-    import torch
-
-    d = device.strip().lower()
-    if d == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if d == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():  # cuda or cuda:N (the form was checked in _validate)
-        raise InputError(f"--device {device}: CUDA is not available (try --device cpu)")
-    dev = torch.device(d)
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
 def _validate(max_new_tokens: int, temperature: float | None, top_k: int | None, top_p: float | None,
               min_p: float | None, repetition_penalty: float | None, batch_size: int, stops: list[str],
               device: str) -> None:
@@ -341,13 +327,12 @@ def generate(
     import time
 
     from rich.markup import escape
-    from transformers import AutoTokenizer
 
     from nemotron_core.generation import SamplingConfig
     from nemotron_core.generation import generate as core_generate
     from nemotron_core.modeling.model import NemotronHForCausalLM
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if dtype is None:
         dtype = DType.bf16 if dev.type == "cuda" else DType.fp32
     t0 = time.perf_counter()
@@ -357,10 +342,7 @@ def generate(
             from nemotron_core.lora import load_adapter
 
             lora = load_adapter(lm, adapter, merge=True)
-        try:
-            tok = AutoTokenizer.from_pretrained(str(model), local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"{model}: cannot load the tokenizer ({e})") from None
+        tok = load_tokenizer(model)
     load_s = time.perf_counter() - t0
 
     gen_cfg = lm.generation_config
