@@ -74,3 +74,15 @@ def complete_bash(words: list[str], script: Path | None = None) -> list[str]:
     if proc.returncode != 0:
         raise AssertionError(f"bash completion failed ({proc.returncode}): {proc.stderr}")
     return [line for line in proc.stdout.splitlines() if line]
+
+
+def init_tiny(tmp_path_factory, name: str, *extra: str) -> Path:
+    """``nemotron init`` a tiny model (in-process, fp32 by default) for a test module; returns its dir."""
+    from typer.testing import CliRunner
+
+    from nemotron_cli.app import app
+
+    d = tmp_path_factory.mktemp(name) / "tiny"
+    result = CliRunner().invoke(app, ["init", str(d), "--quiet", *(extra or ("--dtype", "fp32"))])
+    assert result.exit_code == 0, result.output
+    return d

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
@@ -25,3 +27,18 @@ def pytest_configure(config) -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def fast_lm_eval(monkeypatch):
+    """Skip what costs seconds and is not under test: torch's collect_env report in every
+    simple_evaluate (~3 s here), and indexing lm-eval's built-in tasks (~11 s) when a name is unknown."""
+    pytest.importorskip("lm_eval")
+    import lm_eval.evaluator
+    import lm_eval.tasks
+
+    real = lm_eval.tasks.TaskManager
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda storage: None)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager",
+                        lambda include_path=None, include_defaults=True, **kw: real(include_path=include_path,
+                                                                                    include_defaults=False, **kw))

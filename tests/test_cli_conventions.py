@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from typer.testing import CliRunner
 
-from cli_helpers import COMPLETIONS_DIR, cli_env, complete_bash, run_nemotron
+from cli_helpers import COMPLETIONS_DIR, cli_env, complete_bash, init_tiny, run_nemotron
 from nemotron_cli.app import app
 from nemotron_core.presets import preset_names
 
@@ -45,10 +45,7 @@ def test_path_arguments_fall_back_to_file_completion() -> None:
 # ---- --json on every reporting command -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("conv") / "tiny"
-    result = CliRunner().invoke(app, ["init", str(d), "--quiet"])
-    assert result.exit_code == 0, result.output
-    return d
+    return init_tiny(tmp_path_factory, "conv", "--dtype", "bf16")
 
 
 def _json(args: list[str]) -> dict:

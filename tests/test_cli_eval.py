@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli_helpers import run_nemotron
+from cli_helpers import init_tiny, run_nemotron
 
 PPL_KEYS = {"model", "adapter", "data", "loss", "perplexity", "bits_per_token", "tokens", "examples", "seconds"}
 TASK_KEYS = {"model", "adapter", "tasks", "num_fewshot", "limit", "results", "groups", "n_shot", "n_samples",
@@ -31,12 +31,7 @@ def _no_progress_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from nemotron_cli.app import app
-
-    d = tmp_path_factory.mktemp("ev") / "tiny"
-    result = CliRunner().invoke(app, ["init", str(d), "--quiet", "--dtype", "fp32"])
-    assert result.exit_code == 0, result.output
-    return d
+    return init_tiny(tmp_path_factory, "ev")
 
 
 @pytest.fixture(scope="module")
@@ -169,17 +164,8 @@ def test_tasks_without_lm_eval_is_exit_2_with_install_hint(model_dir, monkeypatc
 
 
 @pytest.fixture
-def task_dir(tmp_path, monkeypatch) -> Path:
-    """A local multiple-choice task; lm-eval's built-in index (~11 s) and collect_env (~3 s) skipped."""
-    pytest.importorskip("lm_eval")
-    import lm_eval.evaluator
-    import lm_eval.tasks
-
-    real = lm_eval.tasks.TaskManager
-    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda storage: None)
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager",
-                        lambda include_path=None, include_defaults=True, **kw: real(include_path=include_path,
-                                                                                    include_defaults=False, **kw))
+def task_dir(tmp_path, fast_lm_eval) -> Path:
+    """A local multiple-choice task (lm-eval's slow start-up work skipped by ``fast_lm_eval``)."""
     data = tmp_path / "mc.jsonl"
     data.write_text("\n".join(json.dumps({"q": f"{i} plus one is", "choices": [str(i + 1), str(i + 2)], "label": 0})
                               for i in range(5)) + "\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli_helpers import REPO_ROOT, cli_env, complete_bash, nemotron_exe, run_nemotron
+from cli_helpers import REPO_ROOT, cli_env, complete_bash, init_tiny, nemotron_exe, run_nemotron
 
 FAST = {"OMP_NUM_THREADS": "1"}
 LOG_KEYS = {"event", "step", "total_steps", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
@@ -26,12 +26,7 @@ DONE_KEYS = {"event", "output", "final", "merged", "steps", "total_steps", "epoc
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from nemotron_cli.app import app
-
-    d = tmp_path_factory.mktemp("ft") / "tiny"
-    result = CliRunner().invoke(app, ["init", str(d), "--quiet", "--dtype", "fp32"])
-    assert result.exit_code == 0, result.output
-    return d
+    return init_tiny(tmp_path_factory, "ft")
 
 
 @pytest.fixture(scope="module")

@@ -296,21 +296,6 @@ def write_tasks(root: Path) -> Path:
     return tasks
 
 
-@pytest.fixture
-def fast_lm_eval(monkeypatch):
-    """Skip what costs seconds and is not under test: torch's collect_env report in every
-    simple_evaluate (~3 s here), and indexing lm-eval's built-in tasks (~11 s) when a name is unknown."""
-    pytest.importorskip("lm_eval")
-    import lm_eval.evaluator
-    import lm_eval.tasks
-
-    real = lm_eval.tasks.TaskManager
-    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda storage: None)
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager",
-                        lambda include_path=None, include_defaults=True, **kw: real(include_path=include_path,
-                                                                                    include_defaults=False, **kw))
-
-
 def test_nemotron_lm_is_a_registered_lm_eval_model(loaded):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
