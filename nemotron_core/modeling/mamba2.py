@@ -49,7 +49,7 @@ class Mamba2(nn.Module):
         b, s, _ = hidden.shape
         z, xbc, dt = self.in_proj(_zero_padding(hidden, meta.padding_mask)).split(
             [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        A = -torch.exp(self.A_log.float())
+        A = self._A()
         conv_w = self.conv1d.weight.squeeze(1)
         state = cache.mamba_state(self.layer_idx) if cache is not None else None
         continuing = state is not None and meta.past_len > 0
@@ -72,7 +72,23 @@ class Mamba2(nn.Module):
                 state.conv.copy_(conv_final)
                 state.ssm.copy_(ssm_final)
             y = y.reshape(b, s, self.d_inner)
-        return self.out_proj(self._gated_norm(y, z).to(hidden.dtype))
+        y = self._gated_norm(y, z)
+        if not torch.is_autocast_enabled(y.device.type):
+            # Under autocast the projection casts for itself; a cast to the (fp32) residual dtype
+            # here would cost two full passes over y forward and two more backward.
+            y = y.to(self.out_proj.weight.dtype)
+        return self.out_proj(y)
+
+    def _A(self) -> torch.Tensor:
+        """``A = -exp(A_log)``; without autograd it is cached until ``A_log`` changes (two kernels
+        per layer and token at decode time otherwise)."""
+        if torch.is_grad_enabled() and self.A_log.requires_grad:
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device)
+        if getattr(self, "_A_cache_key", None) != key:
+            self._A_cache = -torch.exp(self.A_log.detach().float())
+            self._A_cache_key = key
+        return self._A_cache
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if resolve_mamba(self.backend, y.device.type) == "triton":
