@@ -60,6 +60,7 @@ def bench_ours(config, args) -> dict:
     res["b8"] = run(8, 128, 32)
     if args.profile:
         res["profile_decode_b1"] = profile_decode(model, config)
+        res["profile_prefill_128"] = profile_prefill(model, config, 128)
     if args.compile:
         for key, shape in (("b1", (1, 128, 64)), ("b8", (8, 128, 32))):
             try:
@@ -82,7 +83,7 @@ def bench_ours(config, args) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             prefill()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40), flush=True)
     del model, pre_dec
     gc.collect()
     torch.cuda.empty_cache()
@@ -106,11 +107,33 @@ def profile_decode(model, config) -> list[str]:
         for _ in range(10):
             dec.step(tok)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45)
     print(table, flush=True)
     events = prof.key_averages()
     return [f"{e.key[:60]} calls={e.count} total_us={e.device_time_total:.0f}" for e in
             sorted(events, key=lambda e: -e.device_time_total)[:25]]
+
+
+def profile_prefill(model, config, length: int) -> dict:
+    """Wall time against GPU time of one short prefill (is it launch- or sync-bound?), top CPU ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nemotron_core.generation import Decoder
+
+    dec = Decoder(model, 1, length + 8, cuda_graph=False)
+    ids = torch.randint(3, config.vocab_size, (1, length)).cuda()
+    for _ in range(2):
+        dec.prefill(ids, torch.ones_like(ids))
+    wall = timed(lambda: dec.prefill(ids, torch.ones_like(ids)), repeat=3)[0]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        dec.prefill(ids, torch.ones_like(ids))
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    print(f"prefill {length}: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_us / 1e3:.1f} ms", flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
+    print(events.table(sort_by="cuda_time_total", row_limit=20), flush=True)
+    return {"wall_ms": wall * 1e3, "gpu_ms": gpu_us / 1e3}
 
 
 def bench_hf(config, args) -> dict:

@@ -54,7 +54,7 @@ def hf_model(config, dtype, device="cuda"):
         return NemotronHForCausalLM._from_config(NemotronHConfig(**data), dtype=dtype)
 
 
-def train_step_bench(model, config, seq: int, steps: int = 3, warmup: int = 2) -> dict:
+def train_step_bench(model, config, seq: int, steps: int = 3, warmup: int = 2, profile: bool = False) -> dict:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     ids = torch.randint(3, config.vocab_size, (1, seq), device="cuda")
@@ -79,6 +79,13 @@ def train_step_bench(model, config, seq: int, steps: int = 3, warmup: int = 2) -
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / steps
     tok_s = seq / dt
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40), flush=True)
     return {"step_s": dt, "tok_s": tok_s, "mfu": tok_s * flops_per_token(config, seq) / H200_BF16_FLOPS,
             "warmup_s": first, "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "loss": float(loss)}
 
@@ -88,10 +95,23 @@ def part_step(args, results) -> None:
 
     config = build_config("nemotron-h-4b")
     model = random_model(config, torch.float32, seed=0, device="cuda")
-    results["step_ours"] = train_step_bench(model, config, 4096)
+    results["step_ours"] = train_step_bench(model, config, 4096, profile=args.profile)
     print("step ours", results["step_ours"], flush=True)
     del model
     free()
+    if args.compile:
+        # Regional compilation: each block's forward compiled on its own (blocks of one type share
+        # the compiled code), so the elementwise work around the GEMMs and kernels fuses.
+        model = random_model(config, torch.float32, seed=0, device="cuda")
+        for layer in model.model.layers.values():
+            layer.compile()
+        try:
+            results["step_ours_compiled"] = train_step_bench(model, config, 4096)
+        except Exception as e:
+            results["step_ours_compiled"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print("step ours compiled", results["step_ours_compiled"], flush=True)
+        del model
+        free()
     if not args.skip_hf:
         try:
             model = hf_model(config, torch.float32)
@@ -223,6 +243,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--parts", default="step,memory,packed")
+    ap.add_argument("--compile", action="store_true", help="also time ours with each block torch.compile'd")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one training step (ours)")
     args = ap.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     import transformers
