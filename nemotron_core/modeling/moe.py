@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import triton_moe
 from ..ops.experts import grouped_experts, loop_experts
 from .mlp import MLP
 
@@ -26,7 +27,12 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[N, H]`` -> (expert ids ``[N, k]``, fp32 weights ``[N, k]``)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        logits = F.linear(x.float(), self.weight.float())
+        if self.n_group == 1 and not (torch.is_grad_enabled() and logits.requires_grad) and triton_moe.usable(logits):
+            # One kernel for everything below (it has no backward, hence inference only).
+            return triton_moe.route_triton(logits, self.e_score_correction_bias.float(), self.top_k, self.scaling,
+                                           self.norm_topk_prob)
+        scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1:
             grouped = choice.view(x.shape[0], self.n_group, -1)
@@ -54,20 +60,22 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, in_dim, inter))
         self.impl = impl
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                shared: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum_k weights * expert(x) (+ shared)``, summed in fp32 and rounded once."""
         # Autocast does not cover grouped GEMMs: do what it does for a Linear (compute in its dtype),
         # and otherwise compute in the weights' dtype (e.g. fp32 activations on a bf16 LoRA base).
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.up_proj.dtype
         x, up, down = x.to(dtype), self.up_proj.to(dtype), self.down_proj.to(dtype)
         if self.impl == "loop":
-            return loop_experts(x, idx, weights, up, down)
+            return loop_experts(x, idx, weights, up, down, shared)
         if x.is_cuda and not torch.is_grad_enabled():
             from ..ops import triton_experts
 
             if triton_experts.supported(x, idx, up, down):  # decode: a few slots
-                return triton_experts.gemv_experts(x, idx, weights, up, down)
-        return grouped_experts(x, idx, weights, up, down)
+                return triton_experts.gemv_experts(x, idx, weights, up, down, shared)
+        return grouped_experts(x, idx, weights, up, down, shared)
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.up_proj, std=std)
@@ -93,8 +101,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, meta=None, cache=None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         idx, weights = self.gate(flat)
-        routed = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)
-        routed = self.experts(routed, idx, weights)
-        if self.fc2_latent_proj is not None:
-            routed = self.fc2_latent_proj(routed)
-        return routed.view_as(x) + self.shared_experts(x)
+        shared = self.shared_experts(flat)
+        if self.fc1_latent_proj is None:
+            # The shared expert's output joins the routed sum before its one rounding (one kernel).
+            return self.experts(flat, idx, weights, shared).view_as(x)
+        routed = self.experts(self.fc1_latent_proj(flat), idx, weights)
+        return (self.fc2_latent_proj(routed) + shared).view_as(x)

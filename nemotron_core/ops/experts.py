@@ -7,26 +7,41 @@
   loop over experts and no host synchronisation;
 * ``loop_experts``: one matmul per expert that received tokens; the readable reference.
 
-Both return ``sum_k w[t, k] * expert_{idx[t, k]}(x[t])`` accumulated in fp32.
+Both return ``sum_k w[t, k] * expert_{idx[t, k]}(x[t]) (+ shared[t])``: the routed sum accumulated
+in fp32, the optional ``shared`` (the shared expert's output, ``[N, out]``) added in fp32, one rounding
+to ``x.dtype``. On CUDA (or under Triton's interpreter) and without autograd, ``grouped_experts``
+does that last step with ``triton_moe.combine_triton``.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+
+from . import triton_moe
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x).square()
 
 
-def loop_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def loop_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 shared: Optional[torch.Tensor] = None) -> torch.Tensor:
     out = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32, device=x.device)
     for e in idx.unique().tolist():
         token, slot = torch.where(idx == e)
         h = relu2(F.linear(x[token], up[e]))
         y = F.linear(h, down[e])
         out.index_add_(0, token, y.float() * weights[token, slot, None].float())
-    return out.to(x.dtype)
+    return _finish(out, shared, x.dtype)
+
+
+def _finish(routed: torch.Tensor, shared: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 routed sum (+ the shared expert's output, in fp32), rounded once to ``dtype``."""
+    if shared is not None:
+        routed = routed + shared.float()
+    return routed.to(dtype)
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -44,9 +59,10 @@ def grouped_mm_supported(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) 
     return all(d % align == 0 for d in (up.shape[1], up.shape[2], down.shape[1]))
 
 
-def grouped_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def grouped_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                    shared: Optional[torch.Tensor] = None) -> torch.Tensor:
     if not grouped_mm_supported(x, up, down):
-        return loop_experts(x, idx, weights, up, down)
+        return loop_experts(x, idx, weights, up, down, shared)
     ntok, topk = idx.shape
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
@@ -56,9 +72,22 @@ def grouped_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, u
     xs = x.index_select(0, order // topk)
     h = relu2(_grouped_mm(xs, up.transpose(1, 2), offs))
     y = _grouped_mm(h, down.transpose(1, 2), offs)
+    # inverse[t * k + j]: the row of y (sorted by expert) holding token t's j-th expert output.
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    if _fused_combine(y, weights, shared):
+        # One kernel reads y in place through ``inverse`` and writes the output once, instead of a
+        # gathered copy of y, fp32 [tokens * k, hidden] products, a sum and a cast.
+        return triton_moe.combine_triton(y, inverse.view(ntok, topk), weights, shared, out_dtype=x.dtype)
     # Back to (token, k) order with a gather (cheaper than an indexed write), so the k-sum below is
     # deterministic.
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     slots = y.index_select(0, inverse)
     out = (slots.view(ntok, topk, -1).float() * weights[..., None].float()).sum(1)
-    return out.to(x.dtype)
+    return _finish(out, shared, x.dtype)
+
+
+def _fused_combine(y: torch.Tensor, weights: torch.Tensor, shared: Optional[torch.Tensor]) -> bool:
+    """Whether the Triton combine can replace the torch one: it has no backward, so not when autograd
+    needs the graph, and it needs CUDA (or CPU under Triton's interpreter)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, weights, shared)):
+        return False
+    return triton_moe.usable(y)

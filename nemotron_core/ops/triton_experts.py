@@ -3,17 +3,24 @@
 At decode time each MoE layer sees a few (token, expert) slots; a grouped GEMM then spends most of
 its time on scheduling 128 mostly-empty groups and on sorting. Here every program reads one
 slot's expert rows straight from the stacked weights, so the step is a single pass over exactly
-the weights the tokens use (memory-bound, as decode is) and needs no sort. The reference is
-``nemotron_core.ops.experts.loop_experts``.
+the weights the tokens use (memory-bound, as decode is) and needs no sort; the weighted sum over
+the k experts (plus, optionally, the shared expert) is one ``combine_triton`` launch. The reference
+is ``nemotron_core.ops.experts.loop_experts``.
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
+from .triton_moe import combine_triton
+
 # Above this many (token, expert) slots a grouped GEMM reuses weights across tokens and wins.
 MAX_SLOTS = 64
+
+
+_CONFIGS = ((16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (8, 512, 4))
 
 
 @functools.lru_cache(maxsize=None)
@@ -21,19 +28,28 @@ def _kernel():
     import triton
     import triton.language as tl
 
+    from .triton_moe import interpreting
+
+    # The interpreter (CPU tests) cannot time configs: give it one, so the autotuner never benchmarks.
+    configs = _CONFIGS[:1] if interpreting() else _CONFIGS
+
     @triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-                 for bn, bk, w in ((16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (8, 512, 4))],
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in configs],
         key=["N", "K"],
     )
     @triton.jit
-    def expert_gemv(x_ptr, w_ptr, expert_ptr, row_ptr, out_ptr, N, K,
+    def expert_gemv(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr,
                     stride_xm, stride_we, stride_wn, stride_om,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RELU2: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, RELU2: tl.constexpr):
+        # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
+        # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
+        # Slot s = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
+        # s // top_k (ROW_DIV = top_k), the down projection its own row s (ROW_DIV = 1). Deriving the
+        # row here saves the host-side arange/repeat_interleave launches.
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e = tl.load(expert_ptr + slot).to(tl.int64)
-        row = tl.load(row_ptr + slot).to(tl.int64)
+        e = tl.load(expert_ptr + slot).to(tl.int64)  # int64 router ids, or int32
+        row = (slot // ROW_DIV).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -50,12 +66,14 @@ def _kernel():
     return expert_gemv, triton.cdiv
 
 
-def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor, relu2: bool) -> torch.Tensor:
+def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int, relu2: bool) -> torch.Tensor:
+    """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (relu2'd if asked)."""
     kernel, cdiv = _kernel()
     n, k = w.shape[1], w.shape[2]
     out = torch.empty(experts.shape[0], n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (experts.shape[0], cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    kernel[grid](x, w, experts, rows, out, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0), RELU2=relu2)
+    kernel[grid](x, w, experts, out, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
+                 ROW_DIV=row_div, RELU2=relu2)
     return out
 
 
@@ -72,12 +90,14 @@ def supported(x: torch.Tensor, idx: torch.Tensor, up: torch.Tensor, down: torch.
 
 
 def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,
-                 down: torch.Tensor) -> torch.Tensor:
+                 down: torch.Tensor, shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum_j weights[t, j] * expert_{idx[t, j]}(x[t]) (+ shared[t])``: three launches in all.
+
+    ``idx`` may be the router's int64 ids as they are; ``shared`` (``[N, out]``, optional) is added
+    in fp32 before the one rounding to ``x.dtype``, as in ``loop_experts``.
+    """
     ntok, topk = idx.shape
-    experts = idx.reshape(-1).to(torch.int32)
-    tokens = torch.arange(ntok, device=x.device, dtype=torch.int32).repeat_interleave(topk)
-    h = _gemv(x.contiguous(), up, experts, tokens, relu2=True)  # [slots, inter]
-    slots = torch.arange(experts.shape[0], device=x.device, dtype=torch.int32)
-    y = _gemv(h, down, experts, slots, relu2=False)  # [slots, out]
-    out = (y.view(ntok, topk, -1).float() * weights[..., None].float()).sum(1)
-    return out.to(x.dtype)
+    experts = idx.reshape(-1)  # a view of the router's contiguous output: no launch
+    h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True)  # [slots, inter]
+    y = _gemv(h, down, experts, row_div=1, relu2=False)  # [slots, out], slot order
+    return combine_triton(y, None, weights, shared, out_dtype=x.dtype)

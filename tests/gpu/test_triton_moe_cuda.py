@@ -1,0 +1,174 @@
+"""The fused MoE kernels on CUDA at the Nemotron-3 Nano 30B shape (hidden 2688, 128 experts, top-6,
+expert width 1856), bf16 activations, against the torch references.
+
+    python -m pytest tests/gpu/test_triton_moe_cuda.py -q
+
+Routing must pick exactly the experts the torch router picks (the kernel uses an IEEE exp and
+divide, as torch's sigmoid does); its fp32 weights agree to fp32 rounding. Expert outputs are bf16
+and round at the same points as the references (h and y in bf16, sums in fp32), so they agree to a
+few bf16 ulps: 1e-2 of the largest value.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+HIDDEN, N_EXP, TOP_K, INTER = 2688, 128, 6, 1856
+BF16_TOL = 1e-2
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a - b| / max|b|`` (b is the reference)."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def _need_triton():
+    pytest.importorskip("triton")
+    from nemotron_core.ops import triton_moe
+
+    return triton_moe
+
+
+@pytest.fixture(scope="module")
+def experts():
+    """Nano-shaped expert weights (2.5 GB in bf16: built once)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    up = (torch.randn(N_EXP, INTER, HIDDEN, device="cuda", generator=g) * 0.02).bfloat16()
+    down = (torch.randn(N_EXP, HIDDEN, INTER, device="cuda", generator=g) * 0.02).bfloat16()
+    return up, down
+
+
+def _tokens(n: int, seed: int):
+    """x (bf16), router ids (distinct per token) and weights, and a shared-expert output."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(n, HIDDEN, device="cuda", generator=g).bfloat16()
+    idx = torch.rand(n, N_EXP, device="cuda", generator=g).argsort(-1)[:, :TOP_K]
+    w = torch.rand(n, TOP_K, device="cuda", generator=g)
+    shared = torch.randn(n, HIDDEN, device="cuda", generator=g).bfloat16()
+    return x, idx, w, shared
+
+
+def _by_id(idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, order = idx.sort(-1)
+    return ids, weights.gather(1, order)
+
+
+# ---- routing ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("n", [1, 8, 512])
+def test_route_matches_router(n: int, norm: bool) -> None:
+    triton_moe = _need_triton()
+    from nemotron_core.modeling.moe import Router
+
+    torch.manual_seed(n)
+    router = Router(HIDDEN, N_EXP, TOP_K, n_group=1, topk_group=1, norm_topk_prob=norm, scaling=2.5).cuda()
+    router.reset_parameters(std=0.02)  # logits of std ~1, as in the trained model
+    router.e_score_correction_bias.normal_(0, 0.05)
+    x = torch.randn(n, HIDDEN, device="cuda").bfloat16()
+    with torch.no_grad():
+        want_idx, want_w = router(x)
+        logits = F.linear(x.float(), router.weight)  # the router's own x @ W^T
+    idx, w = triton_moe.route_triton(logits, router.e_score_correction_bias, TOP_K, 2.5, norm)
+    assert idx.dtype == torch.int64 and w.dtype == torch.float32 and idx.shape == (n, TOP_K)
+    want_idx, want_w = _by_id(want_idx, want_w)
+    idx, w = _by_id(idx, w)
+    assert torch.equal(idx, want_idx)
+    assert rel(w, want_w) < 1e-6
+
+
+# ---- combine ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("n", [1, 8, 512])
+def test_combine_matches_torch(n: int, with_shared: bool) -> None:
+    triton_moe = _need_triton()
+    g = torch.Generator(device="cuda").manual_seed(n)
+    y = torch.randn(n * TOP_K, HIDDEN, device="cuda", generator=g).bfloat16()
+    pos = torch.randperm(n * TOP_K, device="cuda", generator=g).view(n, TOP_K)
+    w = torch.rand(n, TOP_K, device="cuda", generator=g)
+    shared = torch.randn(n, HIDDEN, device="cuda", generator=g).bfloat16() if with_shared else None
+    want = (y[pos].float() * w[..., None]).sum(1)
+    if shared is not None:
+        want = want + shared.float()
+    got = triton_moe.combine_triton(y, pos, w, shared)
+    assert got.dtype == torch.bfloat16 and got.shape == (n, HIDDEN)
+    assert rel(got, want) < BF16_TOL
+    assert torch.equal(got, triton_moe.combine_triton(y, pos, w, shared))  # deterministic
+    slot_order = triton_moe.combine_triton(y, None, w, shared)  # pos[t, j] = t * k + j
+    want = (y.view(n, TOP_K, -1).float() * w[..., None]).sum(1) + (0 if shared is None else shared.float())
+    assert rel(slot_order, want) < BF16_TOL
+
+
+# ---- experts ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("n", [1, 8, 512])
+def test_gemv_experts_match_loop(experts, n: int, with_shared: bool) -> None:
+    _need_triton()
+    from nemotron_core.ops import triton_experts
+    from nemotron_core.ops.experts import loop_experts
+
+    up, down = experts
+    x, idx, w, shared = _tokens(n, seed=n)
+    shared = shared if with_shared else None
+    if n * TOP_K <= triton_experts.MAX_SLOTS:
+        assert triton_experts.supported(x, idx, up, down)
+    got = triton_experts.gemv_experts(x, idx, w, up, down, shared)  # int64 ids, straight from the router
+    want = loop_experts(x, idx, w, up, down, shared)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert rel(got, want) < BF16_TOL
+
+
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("n", [1, 8, 512])
+def test_grouped_experts_fast_path_matches_loop(experts, n: int, with_shared: bool, monkeypatch) -> None:
+    triton_moe = _need_triton()
+    from nemotron_core.ops.experts import grouped_experts, grouped_mm_supported, loop_experts
+
+    up, down = experts
+    x, idx, w, shared = _tokens(n, seed=100 + n)
+    shared = shared if with_shared else None
+    assert grouped_mm_supported(x, up, down)
+    calls = []
+    real = triton_moe.combine_triton
+    monkeypatch.setattr(triton_moe, "combine_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        got = grouped_experts(x, idx, w, up, down, shared)
+    assert calls, "the Triton combine did not run"
+    want = loop_experts(x, idx, w, up, down, shared)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert rel(got, want) < BF16_TOL
+
+
+def test_decode_step_captures_in_a_cuda_graph(experts) -> None:
+    """Router + experts of one decode token replay in a CUDA graph (no host syncs, no allocation
+    that depends on data) and give the eager result."""
+    triton_moe = _need_triton()
+    from nemotron_core.ops import triton_experts
+
+    up, down = experts
+    g = torch.Generator(device="cuda").manual_seed(7)
+    weight = torch.randn(N_EXP, HIDDEN, device="cuda", generator=g) * 0.02
+    bias = torch.randn(N_EXP, device="cuda", generator=g) * 0.05
+    x = torch.randn(1, HIDDEN, device="cuda", generator=g).bfloat16()
+    shared = torch.randn(1, HIDDEN, device="cuda", generator=g).bfloat16()
+
+    def step() -> torch.Tensor:
+        idx, w = triton_moe.route_triton(F.linear(x.float(), weight), bias, TOP_K, 2.5, True)
+        return triton_experts.gemv_experts(x, idx, w, up, down, shared)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and autotune outside the capture
+        for _ in range(2):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    x.copy_(torch.randn(1, HIDDEN, device="cuda", generator=g).bfloat16())  # new token, same buffers
+    graph.replay()
+    want = step()
+    assert not torch.equal(want, eager)
+    assert torch.equal(out, want)

@@ -1,0 +1,192 @@
+"""The fused MoE kernels (``nemotron_core.ops.triton_moe`` and the decode GEMVs of ``triton_experts``)
+against the torch references, on CPU through Triton's interpreter.
+
+Everything here is fp32. The kernels do the same multiplications as the references and differ only
+in the order of the fp32 additions (tree vs. sequential sums, FMA) and in the last ulp of the
+sigmoid (numpy's exp vs. torch's), i.e. a few ulps (~1e-7 relative); so 1e-6 relative is a tight
+bound that still catches any wrong index or weight (which shows up as O(1) errors).
+
+The tensors are tiny: the interpreter runs each Triton program as numpy code.
+
+Triton's interpreter has to be switched on (``TRITON_INTERPRET=1``) before triton is first imported;
+in a full test run an earlier test module has usually imported it already (transformers imports
+torch._dynamo, which imports triton). Then the tests here would fail in-process, so they skip and
+``test_rerun_in_a_fresh_interpreter`` runs this file again in a subprocess with the variable set.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    # Before anything imports triton (triton.jit reads it when decorating, triton.language's own
+    # helpers included). Left set for the rest of the session: harmless, as kernels run on CPU tensors
+    # only when triton_moe.usable() says the interpreter really works.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import tiny  # noqa: E402
+from nemotron_core.modeling.moe import Router  # noqa: E402
+from nemotron_core.ops import triton_experts, triton_moe  # noqa: E402
+from nemotron_core.ops.experts import grouped_experts, grouped_mm_supported, loop_experts  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+IN_PROCESS = triton_moe.usable(torch.empty(0, device=DEVICE))
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported before TRITON_INTERPRET was set: "
+                                "test_rerun_in_a_fresh_interpreter runs these")
+TOL = 1e-6
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
+def test_rerun_in_a_fresh_interpreter() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"],
+                         cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    report = run.stdout[-6000:] + run.stderr[-2000:]
+    assert run.returncode == 0, report
+    assert " passed" in report and " failed" not in report, report
+
+
+def _by_id(idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each token's experts by id (and their weights along), to compare as sets."""
+    ids, order = idx.sort(-1)
+    return ids, weights.gather(1, order)
+
+
+def _experts(n_tok: int, n_exp: int, k: int, d_in: int, inter: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tok, d_in, generator=g)
+    up = torch.randn(n_exp, inter, d_in, generator=g) / 4
+    down = torch.randn(n_exp, d_in, inter, generator=g) / 4
+    idx = torch.rand(n_tok, n_exp, generator=g).argsort(-1)[:, :k]  # distinct experts per token
+    w = torch.rand(n_tok, k, generator=g)
+    shared = torch.randn(n_tok, d_in, generator=g)
+    return [t.to(DEVICE) for t in (x, idx, w, up, down, shared)]
+
+
+# ---- routing ----------------------------------------------------------------------------------------------
+@in_process
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("k", [1, 2, 6])
+@pytest.mark.parametrize("n_exp", [8, 128])
+def test_route_matches_router(n_exp: int, k: int, norm: bool) -> None:
+    torch.manual_seed(n_exp * 100 + k * 10 + norm)
+    router = Router(32, n_exp, k, n_group=1, topk_group=1, norm_topk_prob=norm, scaling=2.5).to(DEVICE)
+    router.reset_parameters(std=0.3)
+    router.e_score_correction_bias.normal_(0, 0.05)
+    x = torch.randn(13, 32, device=DEVICE)
+    with torch.no_grad():
+        want_idx, want_w = router(x)
+        logits = F.linear(x, router.weight)  # x @ W^T, as the router computes it
+    idx, w = triton_moe.route_triton(logits, router.e_score_correction_bias, k, 2.5, norm)
+    assert idx.dtype == torch.int64 and w.dtype == torch.float32 and idx.shape == w.shape == (13, k)
+    want_idx, want_w = _by_id(want_idx, want_w)
+    idx, w = _by_id(idx, w)
+    assert torch.equal(idx, want_idx)
+    assert tiny.rel_err(want_w, w) <= TOL
+
+
+@in_process
+def test_route_ties_take_the_lower_id_and_ids_stay_valid() -> None:
+    bias = torch.zeros(8, device=DEVICE)
+    logits = torch.zeros(3, 8, device=DEVICE)
+    logits[1, 5] = 1.0  # one clear winner, the rest tied
+    logits[2] = float("nan")  # a broken row must still give distinct in-range ids
+    idx, w = triton_moe.route_triton(logits, bias, 3, 1.0, True)
+    assert idx[0].tolist() == [0, 1, 2]
+    assert idx[1].tolist() == [5, 0, 1]
+    assert sorted(idx[2].tolist()) == [0, 1, 2]
+    assert torch.allclose(w[0], torch.full((3,), 1 / 3, device=DEVICE))
+
+
+# ---- combine ----------------------------------------------------------------------------------------------
+@in_process
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("implicit_pos", [False, True])
+def test_combine_matches_torch(with_shared: bool, implicit_pos: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    n, k, h = 13, 3, 300  # 300 > one 256-wide block, 13 tokens: both grid axes are masked
+    y = torch.randn(n * k, h, generator=g).to(DEVICE)
+    pos = torch.randperm(n * k, generator=g).view(n, k).to(DEVICE)
+    w = torch.rand(n, k, generator=g).to(DEVICE)
+    shared = torch.randn(n, h, generator=g).to(DEVICE) if with_shared else None
+    if implicit_pos:
+        pos = None
+    rows = torch.arange(n * k, device=DEVICE).view(n, k) if pos is None else pos
+    want = (y[rows] * w[..., None]).sum(1)
+    if shared is not None:
+        want = want + shared
+    got = triton_moe.combine_triton(y, pos, w, shared)
+    assert got.shape == (n, h) and got.dtype == torch.float32
+    assert tiny.rel_err(want, got) <= TOL
+    assert torch.equal(got, triton_moe.combine_triton(y, pos, w, shared))  # deterministic
+
+
+@in_process
+def test_combine_int32_pos_with_repeats_and_out_dtype() -> None:
+    g = torch.Generator().manual_seed(2)
+    y = torch.randn(8, 40, generator=g).to(DEVICE)
+    pos = torch.tensor([[3, 1], [0, 7], [2, 2], [6, 5]], dtype=torch.int32, device=DEVICE)  # int32, repeats
+    w = torch.rand(4, 2, generator=g).to(DEVICE)
+    shared = torch.randn(4, 40, generator=g).to(DEVICE)
+    want = ((y[pos.long()] * w[..., None]).sum(1) + shared).to(torch.float16)
+    got = triton_moe.combine_triton(y, pos, w, shared, out_dtype=torch.float16)
+    assert got.dtype == torch.float16
+    assert tiny.rel_err(want.float(), got.float()) <= 1e-3  # at most one fp16 rounding step apart
+
+
+# ---- experts ----------------------------------------------------------------------------------------------
+@in_process
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_gemv_experts_match_loop(with_shared: bool) -> None:
+    x, idx, w, up, down, shared = _experts(n_tok=3, n_exp=8, k=2, d_in=40, inter=24)
+    shared = shared if with_shared else None
+    want = loop_experts(x, idx, w, up, down, shared)
+    got = triton_experts.gemv_experts(x, idx, w, up, down, shared)  # int64 ids, as the router gives
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert tiny.rel_err(want, got) <= TOL
+    assert tiny.rel_err(want, triton_experts.gemv_experts(x, idx.int(), w, up, down, shared)) <= TOL  # int32 ids
+
+
+@in_process
+@pytest.mark.skipif(CUDA, reason="torch's grouped GEMM is bf16-only on CUDA: tests/gpu covers this")
+@pytest.mark.parametrize("with_shared", [False, True])
+def test_grouped_experts_fast_path_matches_loop(with_shared: bool, monkeypatch) -> None:
+    x, idx, w, up, down, shared = _experts(n_tok=11, n_exp=6, k=2, d_in=16, inter=24)
+    shared = shared if with_shared else None
+    assert grouped_mm_supported(x, up, down) and triton_moe.usable(x)
+    calls = []
+    real = triton_moe.combine_triton
+    monkeypatch.setattr(triton_moe, "combine_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    want = loop_experts(x, idx, w, up, down, shared)
+    got = grouped_experts(x, idx, w, up, down, shared)
+    assert calls, "the Triton combine did not run"
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert tiny.rel_err(want, got) <= TOL
+
+
+@in_process
+def test_grouped_experts_keep_torch_combine_for_autograd(monkeypatch) -> None:
+    """The Triton combine has no backward: with autograd on, the torch path runs and gradients flow."""
+    x, idx, w, up, down, shared = _experts(n_tok=5, n_exp=4, k=2, d_in=16, inter=8)
+    w.requires_grad_(True)
+    monkeypatch.setattr(triton_moe, "combine_triton", lambda *a, **kw: pytest.fail("Triton combine under autograd"))
+    got = grouped_experts(x, idx, w, up, down, shared)
+    got.sum().backward()
+    assert w.grad is not None
+    with torch.no_grad():
+        assert tiny.rel_err(loop_experts(x, idx, w, up, down, shared), got) <= TOL
+
+
+@in_process
+def test_loop_experts_add_shared_in_fp32() -> None:
+    x, idx, w, up, down, shared = _experts(n_tok=4, n_exp=4, k=2, d_in=16, inter=8)
+    assert torch.equal(loop_experts(x, idx, w, up, down, shared), loop_experts(x, idx, w, up, down) + shared)
