@@ -129,7 +129,21 @@ class Decoder:
         hidden = m.model.run_layers(m.model.embed_tokens(self.tokens), self._meta(), self.cache)
         return m.lm_head(hidden[:, -1]).float()
 
+    def _uncapturable(self) -> str | None:
+        from .modeling.moe import MoE
+
+        device = self.model.device
+        for m in self.model.modules():
+            if isinstance(m, MoE) and not m.experts.capturable(self.batch_size * m.gate.top_k, self.model.dtype, device):
+                return "the loop-over-experts path sizes its work on the host"
+        return None
+
     def _capture(self) -> None:
+        reason = self._uncapturable()
+        if reason is not None:
+            warnings.warn(f"decode step not capturable as a CUDA graph, running eagerly ({reason})")
+            self.use_graph = False
+            return
         # Warm up on a side stream (autotuning, lazy init), then record one step. The warm-up writes
         # into the cache, so the cache is zeroed afterwards; the graph keeps pointing at its buffers.
         stream = torch.cuda.Stream()

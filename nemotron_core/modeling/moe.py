@@ -77,6 +77,21 @@ class Experts(nn.Module):
                 return triton_experts.gemv_experts(x, idx, weights, up, down, shared)
         return grouped_experts(x, idx, weights, up, down, shared)
 
+    def capturable(self, slots: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether a forward over ``slots`` (token, expert) pairs has static shapes (CUDA graphs).
+
+        The loop reference sizes its work from the routing on the host; the GEMV and grouped paths
+        do not. Deciding beforehand matters: a capture that fails part-way leaves CUDA's RNG state
+        unusable for the rest of the process."""
+        if self.impl == "loop":
+            return False
+        from ..ops import triton_experts
+        from ..ops.experts import grouped_mm_supported
+
+        if device.type == "cuda" and slots <= triton_experts.MAX_SLOTS and triton_moe.have_triton():
+            return True
+        return grouped_mm_supported(torch.empty(0, dtype=dtype, device=device), self.up_proj, self.down_proj)
+
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.up_proj, std=std)
         nn.init.normal_(self.down_proj, std=std)

@@ -155,3 +155,20 @@ def test_triton_gated_norm_matches_reference() -> None:
     ref = gated_rms_norm(y, z, w, 32, 1e-5)
     out = mamba_triton_ops()["gated_rmsnorm"](y, w, None, z=z, eps=1e-5, group_size=32, norm_before_gate=False)
     assert rel(out, ref) < 1e-4
+
+
+def test_rms_norm_without_casts_matches_fp32_reference() -> None:
+    """bf16 in, bf16 weight: CUDA's fused kernel accumulates in fp32 and rounds once, like the
+    spelled-out fp32 reference; at most one bf16 ulp apart (reduction order)."""
+    import torch.nn.functional as F
+
+    from nemotron_core.ops.norms import rms_norm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(64, 2688, device="cuda", generator=gen) * 3).bfloat16()
+    w = (torch.rand(2688, device="cuda", generator=gen) + 0.5).bfloat16()
+    ref = F.rms_norm(x.float(), (2688,), w.float(), 1e-5).bfloat16()
+    out = rms_norm(x, w, 1e-5)
+    assert out.dtype == torch.bfloat16
+    ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp_min(1e-3)
+    assert bool(((out.float() - ref.float()).abs() <= ulp).all())
