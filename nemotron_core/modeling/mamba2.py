@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from ..backend import BackendConfig, mamba_triton_ops, resolve_mamba
+from ..ops import triton_conv
+from ..ops.triton_conv import causal_conv1d_triton, causal_conv1d_update_triton
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.ssd import ssd_scan, ssd_step
 from .norms import GatedRMSNorm
@@ -55,14 +57,15 @@ class Mamba2(nn.Module):
         continuing = state is not None and meta.past_len > 0
 
         if continuing and s == 1:  # decode: O(1) state update
-            xbc = causal_conv1d_step(xbc[:, 0], state.conv, conv_w, self.conv1d.bias)
+            conv_step = causal_conv1d_update_triton if self._triton_conv(xbc) else causal_conv1d_step
+            xbc = conv_step(xbc[:, 0], state.conv, conv_w, self.conv1d.bias)
             x, B, C = self._split_xbc(xbc)
             y = self._step(state.ssm, x.view(b, self.num_heads, self.head_dim), dt[:, 0], A,
                            B.view(b, self.n_groups, -1), C.view(b, self.n_groups, -1))
             y = y.view(b, 1, self.d_inner)
         else:
-            xbc, conv_final = causal_conv1d(xbc, conv_w, self.conv1d.bias, meta.seq_idx,
-                                            state.conv if continuing else None)
+            conv = causal_conv1d_triton if self._triton_conv(xbc) else causal_conv1d
+            xbc, conv_final = conv(xbc, conv_w, self.conv1d.bias, meta.seq_idx, state.conv if continuing else None)
             x, B, C = self._split_xbc(_zero_padding(xbc, meta.padding_mask))
             y, ssm_final = self._scan(
                 x.view(b, s, self.num_heads, self.head_dim), dt, A,
@@ -89,6 +92,10 @@ class Mamba2(nn.Module):
             self._A_cache = -torch.exp(self.A_log.detach().float())
             self._A_cache_key = key
         return self._A_cache
+
+    def _triton_conv(self, x: torch.Tensor) -> bool:
+        # Our own kernels (they need Triton, not mamba-ssm); backend mamba="torch" keeps the reference.
+        return self.backend.mamba != "torch" and x.is_cuda and triton_conv.supported(x, self.conv1d.weight)
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if resolve_mamba(self.backend, y.device.type) == "triton":
