@@ -265,3 +265,28 @@ def test_cache_reorder_permutes_rows(models):
     for st in cache.mamba.values():
         assert [st.conv[r].unique().item() for r in range(3)] == [22, 20, 20]
         assert [st.ssm[r].unique().item() for r in range(3)] == [32, 30, 30]
+
+
+@torch.no_grad()
+def test_bucketed_prefill_equals_plain_prefill(models):
+    """The static-buffer prefill that CUDA graphs replay pads prompts to a multiple of 64 on the
+    left: its logits and the decode after it equal the plain prefill's (here without a graph)."""
+    _, ours = models
+    ids = _ids(2, 19, seed=21)
+    ids[1, :4] = PAD
+    mask = tiny.left_padded_mask(2, 19, 4)
+    plain = Decoder(ours, batch_size=2, max_length=19 + 64 + 8, bucket_prefill=False)
+    bucketed = Decoder(ours, batch_size=2, max_length=19 + 64 + 8, bucket_prefill=True)
+    outs = []
+    for dec in (plain, bucketed):
+        steps = [dec.prefill(ids, mask, reserve=8)]
+        for i in range(6):
+            steps.append(dec.step(steps[-1].argmax(-1)))
+        outs.append(torch.stack(steps))
+    assert bucketed._static and int(bucketed.pos) == 64 + 6 and int(plain.pos) == 19 + 6  # padded path ran
+    assert tiny.rel_err(outs[0], outs[1]) <= TOL
+    # Reused for another prompt length in the same bucket, and with no room to pad: plain prefill.
+    again = bucketed.prefill(ids[:, 3:], mask[:, 3:], reserve=8)
+    assert tiny.rel_err(plain.prefill(ids[:, 3:], mask[:, 3:]), again) <= TOL
+    tight = Decoder(ours, batch_size=2, max_length=19 + 8, bucket_prefill=True)
+    assert tiny.rel_err(outs[0][0], tight.prefill(ids, mask, reserve=8)) <= TOL and not tight._static
