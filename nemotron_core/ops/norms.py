@@ -16,6 +16,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     before its single rounding, which is the same math: skipping the three cast kernels around it
     matters at decode time (batch 1 runs 53 norms per token)."""
     if x.is_cuda and x.dtype == weight.dtype:
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            from ..backend import mamba_triton_ops
+
+            ops = mamba_triton_ops()
+            if ops is not None:
+                # mamba-ssm's Triton row norm: same math, but 1.7 us per single-row call on an H200
+                # against 4.5 us for torch's kernel (decode runs 53 of them per token).
+                return ops["gated_rmsnorm"](x, weight, None, eps=eps)
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
