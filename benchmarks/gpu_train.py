@@ -100,27 +100,31 @@ def part_step(args, results) -> None:
     del model
     free()
     if args.compile:
-        # Regional compilation: each block's forward compiled on its own (blocks of one type share
-        # the compiled code), so the elementwise work around the GEMMs and kernels fuses.
-        model = random_model(config, torch.float32, seed=0, device="cuda")
-        for layer in model.model.layers.values():
-            layer.compile()
-        try:
-            results["step_ours_compiled"] = train_step_bench(model, config, 4096)
-        except Exception as e:
-            results["step_ours_compiled"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        print("step ours compiled", results["step_ours_compiled"], flush=True)
-        del model
-        free()
+        _step_variant("step_ours_compiled", results, lambda: _compiled_blocks(random_model(config, torch.float32, seed=0,
+                                                                                           device="cuda")), config)
     if not args.skip_hf:
-        try:
-            model = hf_model(config, torch.float32)
-            results["step_transformers"] = train_step_bench(model, config, 4096)
-        except Exception as e:
-            results["step_transformers"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        print("step transformers", results["step_transformers"], flush=True)
-        del model
-        free()
+        _step_variant("step_transformers", results, lambda: hf_model(config, torch.float32), config)
+
+
+def _compiled_blocks(model):
+    # Regional compilation: each block's forward compiled on its own (blocks of one type share the
+    # compiled code), so the elementwise work around the GEMMs and kernels fuses.
+    for layer in model.model.layers.values():
+        layer.compile()
+    return model
+
+
+def _step_variant(key: str, results: dict, make_model, config) -> None:
+    """One more training-step measurement; a failure is recorded instead of ending the run."""
+    model = None
+    try:
+        model = make_model()
+        results[key] = train_step_bench(model, config, 4096)
+    except Exception as e:
+        results[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    print(key, results[key], flush=True)
+    del model
+    free()
 
 
 def lora_style_peak(model, config, seq: int, checkpointing: bool, hf: bool) -> dict:
