@@ -10,6 +10,16 @@ import sys
 
 import pytest
 
+# Triton kernels are checked on the CPU through Triton's interpreter. It has to be switched on before
+# triton is first imported (triton.jit reads the variable when it decorates, triton.language's own
+# helpers included), and importing the models imports triton (through transformers/torch._dynamo):
+# so here, before anything else. The models themselves take Triton paths only for CUDA tensors.
+if "triton" not in sys.modules:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 

@@ -1,7 +1,7 @@
 """Triton causal conv1d kernels against the plain-PyTorch reference (``ops.conv``).
 
-Runs on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set here before any kernel is
-built) and is skipped when Triton is not installed. Everything is fp32 with fixed seeds; outputs
+Runs on the CPU through Triton's interpreter (switched on by ``conftest.py``; see ``triton_cpu.py``)
+and is skipped when Triton is not installed. Everything is fp32 with fixed seeds; outputs
 and gradients must match to 1e-5 relative to the reference's largest magnitude (the kernels
 accumulate in fp32 in another order than the reference, so a few ulps apart).
 
@@ -11,14 +11,12 @@ boundaries that don't fall on block edges.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from triton_cpu import DEVICE, require_triton
+
+require_triton()
 
 from nemotron_core.ops import triton_conv  # noqa: E402
 from nemotron_core.ops.conv import causal_conv1d, causal_conv1d_step  # noqa: E402
@@ -30,7 +28,6 @@ from nemotron_core.ops.triton_conv import (  # noqa: E402
 
 RTOL = 1e-5
 B, S, C = 2, 37, 24
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

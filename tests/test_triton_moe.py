@@ -8,51 +8,25 @@ bound that still catches any wrong index or weight (which shows up as O(1) error
 
 The tensors are tiny: the interpreter runs each Triton program as numpy code.
 
-Triton's interpreter has to be switched on (``TRITON_INTERPRET=1``) before triton is first imported;
-in a full test run an earlier test module has usually imported it already (transformers imports
-torch._dynamo, which imports triton). Then the tests here would fail in-process, so they skip and
-``test_rerun_in_a_fresh_interpreter`` runs this file again in a subprocess with the variable set.
+On the CPU the interpreter runs them (switched on by ``conftest.py``; see ``triton_cpu.py``).
 """
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    # Before anything imports triton (triton.jit reads it when decorating, triton.language's own
-    # helpers included). Left set for the rest of the session: harmless, as kernels run on CPU tensors
-    # only when triton_moe.usable() says the interpreter really works.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_cpu import CUDA, DEVICE, require_triton
 
-pytest.importorskip("triton")
+require_triton()
 
 import tiny  # noqa: E402
 from nemotron_core.modeling.moe import Router  # noqa: E402
+from nemotron_core.ops import experts as experts_ops  # noqa: E402
 from nemotron_core.ops import triton_experts, triton_moe  # noqa: E402
 from nemotron_core.ops.experts import grouped_experts, grouped_mm_supported, loop_experts  # noqa: E402
 
-DEVICE = "cuda" if CUDA else "cpu"
-IN_PROCESS = triton_moe.usable(torch.empty(0, device=DEVICE))
-in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported before TRITON_INTERPRET was set: "
-                                "test_rerun_in_a_fresh_interpreter runs these")
 TOL = 1e-6
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
-def test_rerun_in_a_fresh_interpreter() -> None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"],
-                         cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                         timeout=600)
-    report = run.stdout[-6000:] + run.stderr[-2000:]
-    assert run.returncode == 0, report
-    assert " passed" in report and " failed" not in report, report
 
 
 def _by_id(idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +47,6 @@ def _experts(n_tok: int, n_exp: int, k: int, d_in: int, inter: int, seed: int = 
 
 
 # ---- routing ----------------------------------------------------------------------------------------------
-@in_process
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("k", [1, 2, 6])
 @pytest.mark.parametrize("n_exp", [8, 128])
@@ -94,7 +67,6 @@ def test_route_matches_router(n_exp: int, k: int, norm: bool) -> None:
     assert tiny.rel_err(want_w, w) <= TOL
 
 
-@in_process
 def test_route_ties_take_the_lower_id_and_ids_stay_valid() -> None:
     bias = torch.zeros(8, device=DEVICE)
     logits = torch.zeros(3, 8, device=DEVICE)
@@ -108,7 +80,6 @@ def test_route_ties_take_the_lower_id_and_ids_stay_valid() -> None:
 
 
 # ---- combine ----------------------------------------------------------------------------------------------
-@in_process
 @pytest.mark.parametrize("with_shared", [False, True])
 @pytest.mark.parametrize("implicit_pos", [False, True])
 def test_combine_matches_torch(with_shared: bool, implicit_pos: bool) -> None:
@@ -130,7 +101,6 @@ def test_combine_matches_torch(with_shared: bool, implicit_pos: bool) -> None:
     assert torch.equal(got, triton_moe.combine_triton(y, pos, w, shared))  # deterministic
 
 
-@in_process
 def test_combine_int32_pos_with_repeats_and_out_dtype() -> None:
     g = torch.Generator().manual_seed(2)
     y = torch.randn(8, 40, generator=g).to(DEVICE)
@@ -144,7 +114,6 @@ def test_combine_int32_pos_with_repeats_and_out_dtype() -> None:
 
 
 # ---- experts ----------------------------------------------------------------------------------------------
-@in_process
 @pytest.mark.parametrize("with_shared", [False, True])
 def test_gemv_experts_match_loop(with_shared: bool) -> None:
     x, idx, w, up, down, shared = _experts(n_tok=3, n_exp=8, k=2, d_in=40, inter=24)
@@ -156,7 +125,6 @@ def test_gemv_experts_match_loop(with_shared: bool) -> None:
     assert tiny.rel_err(want, triton_experts.gemv_experts(x, idx.int(), w, up, down, shared)) <= TOL  # int32 ids
 
 
-@in_process
 @pytest.mark.skipif(CUDA, reason="torch's grouped GEMM is bf16-only on CUDA: tests/gpu covers this")
 @pytest.mark.parametrize("with_shared", [False, True])
 def test_grouped_experts_fast_path_matches_loop(with_shared: bool, monkeypatch) -> None:
@@ -166,6 +134,8 @@ def test_grouped_experts_fast_path_matches_loop(with_shared: bool, monkeypatch) 
     calls = []
     real = triton_moe.combine_triton
     monkeypatch.setattr(triton_moe, "combine_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    # The model takes the fused combine on CUDA only; here the interpreter stands in for the GPU.
+    monkeypatch.setattr(experts_ops, "_fused_combine", lambda y, w, s: True)
     want = loop_experts(x, idx, w, up, down, shared)
     got = grouped_experts(x, idx, w, up, down, shared)
     assert calls, "the Triton combine did not run"
@@ -173,7 +143,6 @@ def test_grouped_experts_fast_path_matches_loop(with_shared: bool, monkeypatch) 
     assert tiny.rel_err(want, got) <= TOL
 
 
-@in_process
 def test_grouped_experts_keep_torch_combine_for_autograd(monkeypatch) -> None:
     """The Triton combine has no backward: with autograd on, the torch path runs and gradients flow."""
     x, idx, w, up, down, shared = _experts(n_tok=5, n_exp=4, k=2, d_in=16, inter=8)
@@ -186,7 +155,6 @@ def test_grouped_experts_keep_torch_combine_for_autograd(monkeypatch) -> None:
         assert tiny.rel_err(loop_experts(x, idx, w, up, down, shared), got) <= TOL
 
 
-@in_process
 def test_loop_experts_add_shared_in_fp32() -> None:
     x, idx, w, up, down, shared = _experts(n_tok=4, n_exp=4, k=2, d_in=16, inter=8)
     assert torch.equal(loop_experts(x, idx, w, up, down, shared), loop_experts(x, idx, w, up, down) + shared)

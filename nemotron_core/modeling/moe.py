@@ -28,7 +28,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[N, H]`` -> (expert ids ``[N, k]``, fp32 weights ``[N, k]``)."""
         logits = F.linear(x.float(), self.weight.float())
-        if self.n_group == 1 and not (torch.is_grad_enabled() and logits.requires_grad) and triton_moe.usable(logits):
+        if (self.n_group == 1 and logits.is_cuda and not (torch.is_grad_enabled() and logits.requires_grad)
+                and triton_moe.usable(logits)):
             # One kernel for everything below (it has no backward, hence inference only).
             return triton_moe.route_triton(logits, self.e_score_correction_bias.float(), self.top_k, self.scaling,
                                            self.norm_topk_prob)

@@ -19,11 +19,24 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import triton_moe
+from . import triton_act, triton_moe
+
+
+def relu2_reference(x: torch.Tensor) -> torch.Tensor:
+    """The reference ``relu(x) ** 2`` (the activation of every MLP and expert), in plain torch."""
+    return F.relu(x).square()
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
-    return F.relu(x).square()
+    """``relu(x) ** 2``: one Triton pass (``triton_act``) on CUDA tensors, else the reference.
+
+    Bit-equal either way. CPU tensors always take the reference (even under Triton's interpreter),
+    and so does code being compiled by torch.compile, where inductor fuses the two torch ops itself
+    (and into neighbours), better than an opaque kernel call.
+    """
+    if x.is_cuda and not torch.compiler.is_compiling() and triton_act.supported(x):
+        return triton_act.relu2_triton(x)
+    return relu2_reference(x)
 
 
 def loop_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -86,8 +99,8 @@ def grouped_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, u
 
 
 def _fused_combine(y: torch.Tensor, weights: torch.Tensor, shared: Optional[torch.Tensor]) -> bool:
-    """Whether the Triton combine can replace the torch one: it has no backward, so not when autograd
-    needs the graph, and it needs CUDA (or CPU under Triton's interpreter)."""
+    """Whether the Triton combine replaces the torch one: on CUDA, and not when autograd needs the
+    graph (it has no backward)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, weights, shared)):
         return False
-    return triton_moe.usable(y)
+    return y.is_cuda and triton_moe.usable(y)
