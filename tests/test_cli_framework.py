@@ -100,12 +100,13 @@ def test_env_json_has_documented_keys() -> None:
     assert report["packages"]["torch"] == version("torch")
     assert set(report["torch"]) == {"version", "cuda_available", "cuda_version", "device_count",
                                     "device_name"}
-    assert set(report["backends"]) == {"mamba_ssm_triton", "flex_attention", "transformer_engine"}
+    assert set(report["backends"]) == {"mamba_ssm_triton", "nemotron_triton", "flex_attention", "transformer_engine"}
     for backend in report["backends"].values():
         assert set(backend) == {"available", "requires", "missing"}
         assert backend["available"] == (backend["missing"] == [])
     if not report["torch"]["cuda_available"]:
         assert not report["backends"]["mamba_ssm_triton"]["available"]
+        assert report["backends"]["nemotron_triton"]["missing"][0] == "CUDA"
 
 
 def test_env_human_output_goes_to_stderr() -> None:

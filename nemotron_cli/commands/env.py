@@ -96,6 +96,8 @@ def collect_env() -> dict[str, Any]:
         "backends": {
             "mamba_ssm_triton": _backend(
                 "CUDA + mamba-ssm", no_cuda + ([] if packages["mamba-ssm"] else ["mamba-ssm"])),
+            "nemotron_triton": _backend(
+                "CUDA + triton", no_cuda + ([] if packages["triton"] else ["triton"])),
             "flex_attention": _backend(
                 "torch>=2.5", [] if _has_flex_attention() else ["torch.nn.attention.flex_attention"]),
             "transformer_engine": _backend(
@@ -107,6 +109,7 @@ def collect_env() -> dict[str, Any]:
 
 _BACKEND_LABELS = {
     "mamba_ssm_triton": "mamba_ssm triton kernels",
+    "nemotron_triton": "our triton kernels (conv, MoE routing/combine, relu2)",
     "flex_attention": "flex attention",
     "transformer_engine": "transformer-engine",
 }
