@@ -342,9 +342,11 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
         slack = PREFILL_BUCKET if device.type == "cuda" else 0
         decoder = Decoder(model, bsz, max_length or total + slack)
     sync_every = sync_every or (8 if device.type == "cuda" else 1)
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    # Sampling always draws from a generator of its own (seeded from torch's CPU RNG when no seed is
+    # given, so torch.manual_seed still makes runs repeatable): the default CUDA generator takes part
+    # in every CUDA-graph capture, and a capture that fails leaves it unusable.
+    seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
+    generator = torch.Generator(device=device).manual_seed(seed)
     ids, mask = left_pad(prompts, pad_id, device)
     eos = torch.tensor(cfg.eos_token_ids or [-1], device=device)
     seen = None
