@@ -58,6 +58,14 @@ def bench_ours(config, args) -> dict:
     res["mamba_kernels"] = "triton" if mamba_triton_ops() is not None else "torch"
     res["b1"] = run(1, 128, 64)
     res["b8"] = run(8, 128, 32)
+    # The same with decode projections as Triton GEMVs instead of cuBLAS (BackendConfig(linear="triton")).
+    model.model.backend.linear = "triton"
+    for key, shape in (("b1", (1, 128, 64)), ("b8", (8, 128, 32))):
+        try:
+            res[key + "_triton_linear"] = run(*shape)
+        except Exception as e:  # report, keep the default numbers
+            res[key + "_triton_linear"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    model.model.backend.linear = "torch"
     if args.profile:
         res["profile_decode_b1"] = profile_decode(model, config)
         res["profile_prefill_128"] = profile_prefill(model, config, 128)
@@ -163,6 +171,14 @@ def bench_hf(config, args) -> dict:
 
     res["b1"] = run(1, 128, 64)
     res["b8"] = run(8, 128, 32)
+    # The same with decode projections as Triton GEMVs instead of cuBLAS (BackendConfig(linear="triton")).
+    model.model.backend.linear = "triton"
+    for key, shape in (("b1", (1, 128, 64)), ("b8", (8, 128, 32))):
+        try:
+            res[key + "_triton_linear"] = run(*shape)
+        except Exception as e:  # report, keep the default numbers
+            res[key + "_triton_linear"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    model.model.backend.linear = "torch"
     ids = torch.randint(3, config.vocab_size, (1, 8192), generator=g).cuda()
 
     def prefill():

@@ -158,3 +158,47 @@ def test_grouped_experts_keep_torch_combine_for_autograd(monkeypatch) -> None:
 def test_loop_experts_add_shared_in_fp32() -> None:
     x, idx, w, up, down, shared = _experts(n_tok=4, n_exp=4, k=2, d_in=16, inter=8)
     assert torch.equal(loop_experts(x, idx, w, up, down, shared), loop_experts(x, idx, w, up, down) + shared)
+
+
+@pytest.mark.parametrize("relu2", [False, True])
+def test_dense_gemv_matches_linear(relu2: bool) -> None:
+    """The decode-time dense GEMV (``BackendConfig(linear="triton")``) against F.linear (+ relu2)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 40, generator=g).to(DEVICE)  # [batch, 1 token, K]
+    w = (torch.randn(24, 40, generator=g) / 4).to(DEVICE)
+    want = F.linear(x, w)
+    want = F.relu(want).square() if relu2 else want
+    assert triton_experts.dense_supported(x, w)
+    got = triton_experts.dense_gemv(x, w, relu2=relu2)
+    assert got.shape == want.shape and tiny.rel_err(want, got) <= TOL
+    assert not triton_experts.dense_supported(torch.randn(9, 40, device=DEVICE), w)  # too many rows: cuBLAS
+
+
+@torch.no_grad()
+def test_model_decode_with_triton_linear_matches_torch_linear() -> None:
+    """The whole decode path with every projection on the GEMV: same logits as F.linear (fp32)."""
+    from nemotron_core.backend import BackendConfig
+    from nemotron_core.create import build_config, random_model
+    from nemotron_core.generation import Decoder
+    from nemotron_core.modeling.linear import Linear
+
+    model = random_model(build_config("tiny"), torch.float32, seed=0, device=DEVICE).eval()
+    ids = torch.randint(3, 1000, (1, 7), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    runs = []
+    for linear in ("torch", "triton"):
+        model.model.backend.linear = linear  # shared by every Linear
+        calls = []
+        dense_gemv = triton_experts.dense_gemv
+        triton_experts.dense_gemv = lambda *a, **kw: calls.append(1) or dense_gemv(*a, **kw)
+        try:
+            dec = Decoder(model, 1, 16, cuda_graph=False)
+            steps = [dec.prefill(ids, torch.ones_like(ids))]
+            for _ in range(3):
+                steps.append(dec.step(steps[-1].argmax(-1)))
+        finally:
+            triton_experts.dense_gemv = dense_gemv
+        runs.append(torch.stack(steps))
+        assert bool(calls) == (linear == "triton")
+    model.model.backend.linear = "torch"
+    assert any(isinstance(m, Linear) for m in model.modules())
+    assert tiny.rel_err(runs[0], runs[1]) <= TOL

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..backend import BackendConfig, resolve_attn
 from ..ops.attention import eager_attention, sdpa_attention
+from .linear import Linear
 
 
 class Attention(nn.Module):
@@ -18,10 +19,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.backend = backend
         h, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.q_proj = Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=bias)
 
     def forward(self, x: torch.Tensor, meta, cache=None) -> torch.Tensor:
         b, s, _ = x.shape

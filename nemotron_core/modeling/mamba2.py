@@ -15,6 +15,7 @@ from ..ops import triton_conv
 from ..ops.triton_conv import causal_conv1d_triton, causal_conv1d_update_triton
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.ssd import ssd_scan, ssd_step
+from .linear import Linear
 from .norms import GatedRMSNorm
 
 
@@ -38,14 +39,14 @@ class Mamba2(nn.Module):
         self.dt_limit = config.dt_limit
         self.time_step = (config.time_step_min, config.time_step_max, config.time_step_floor)
         h = config.hidden_size
-        self.in_proj = nn.Linear(h, self.d_inner + self.conv_dim + self.num_heads, bias=config.use_bias)
+        self.in_proj = Linear(h, self.d_inner + self.conv_dim + self.num_heads, bias=config.use_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim,
                                 padding=config.conv_kernel - 1, bias=config.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, config.layer_norm_epsilon)
-        self.out_proj = nn.Linear(self.d_inner, h, bias=config.use_bias)
+        self.out_proj = Linear(self.d_inner, h, bias=config.use_bias)
 
     def forward(self, hidden: torch.Tensor, meta, cache=None) -> torch.Tensor:
         b, s, _ = hidden.shape

@@ -5,13 +5,17 @@ import torch
 from torch import nn
 
 from ..ops.experts import relu2
+from .linear import Linear
 
 
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, meta=None, cache=None) -> torch.Tensor:
-        return self.down_proj(relu2(self.up_proj(x)))
+        up = self.up_proj
+        # An adapter wrapper (LoRA) is not a Linear: it takes the plain path.
+        h = up.relu2_forward(x) if isinstance(up, Linear) else relu2(up(x))
+        return self.down_proj(h)

@@ -22,6 +22,7 @@ from ..config import ATTENTION, MAMBA, MLP as MLP_T, MOE, NemotronHConfig
 from ..dtypes import cast_model
 from ..errors import InputError
 from .attention import Attention
+from .linear import Linear
 from .mamba2 import Mamba2
 from .mlp import MLP
 from .moe import MoE
@@ -90,6 +91,9 @@ class NemotronV3Model(nn.Module):
             str(i): Block(config, i, t, self.backend) for i, t in enumerate(config.layers_block_type)
         })
         self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.backend = self.backend  # shared: a later change of model.backend.linear applies
 
     def forward(
         self,

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..ops import triton_moe
 from ..ops.experts import grouped_experts, loop_experts
+from .linear import Linear
 from .mlp import MLP
 
 
@@ -109,8 +110,8 @@ class MoE(nn.Module):
         self.shared_experts = MLP(h, config.moe_shared_expert_intermediate_size, bias=config.mlp_bias)
         if latent is not None:
             # The router sees the full-width x; only the routed experts work in the latent space.
-            self.fc1_latent_proj = nn.Linear(h, latent, bias=config.mlp_bias)
-            self.fc2_latent_proj = nn.Linear(latent, h, bias=config.mlp_bias)
+            self.fc1_latent_proj = Linear(h, latent, bias=config.mlp_bias)
+            self.fc2_latent_proj = Linear(latent, h, bias=config.mlp_bias)
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
 

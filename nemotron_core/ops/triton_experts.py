@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from . import triton_moe
 from .triton_moe import combine_triton
 
 # Above this many (token, expert) slots a grouped GEMM reuses weights across tokens and wins.
@@ -43,7 +44,8 @@ def _kernel():
     @triton.jit
     def expert_gemv(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr,
                     stride_xm, stride_we, stride_wn, stride_om,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, RELU2: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, RELU2: tl.constexpr,
+                    SINGLE: tl.constexpr):
         # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
         # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
         # Slot s = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
@@ -51,7 +53,10 @@ def _kernel():
         # row here saves the host-side arange/repeat_interleave launches.
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e = tl.load(expert_ptr + slot).to(tl.int64)  # int64 router ids, or int32
+        if SINGLE:  # a dense projection: one weight matrix, no expert ids
+            e = 0
+        else:
+            e = tl.load(expert_ptr + slot).to(tl.int64)  # int64 router ids, or int32
         row = (slot // ROW_DIV).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -69,15 +74,39 @@ def _kernel():
     return expert_gemv, triton.cdiv
 
 
-def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int, relu2: bool) -> torch.Tensor:
-    """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (relu2'd if asked)."""
+def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_div: int, relu2: bool) -> torch.Tensor:
+    """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (relu2'd if asked); with
+    ``experts=None``, ``w`` holds one matrix and row s is ``w[0] @ x[s]``."""
     kernel, cdiv = _kernel()
     n, k = w.shape[1], w.shape[2]
-    out = torch.empty(experts.shape[0], n, dtype=x.dtype, device=x.device)
-    grid = lambda meta: (experts.shape[0], cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    kernel[grid](x, w, experts, out, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
-                 ROW_DIV=row_div, RELU2=relu2)
+    rows = experts.shape[0] if experts is not None else x.shape[0]
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    grid = lambda meta: (rows, cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    kernel[grid](x, w, experts if experts is not None else x, out, n, k, x.stride(0), w.stride(0), w.stride(1),
+                 out.stride(0), ROW_DIV=row_div, RELU2=relu2, SINGLE=experts is None)
     return out
+
+
+# Dense projections of at most this many rows (decode) may take the GEMV instead of cuBLAS.
+MAX_DENSE_ROWS = 8
+
+
+def dense_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``dense_gemv`` takes ``x [..., K]`` against ``weight [N, K]``: CUDA (or the CPU
+    interpreter), a few rows, contiguous last dims, one dtype."""
+    if x.numel() > MAX_DENSE_ROWS * x.shape[-1] or x.dtype != weight.dtype:
+        return False
+    if weight.stride(-1) != 1 or not (x.is_cuda or triton_moe.interpreting()):
+        return False
+    return triton_moe.usable(x)
+
+
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, relu2: bool = False) -> torch.Tensor:
+    """``x @ weight.T`` (then relu2 if asked) for a few rows, as one GEMV launch: at decode cuBLAS
+    uses a split-K GEMM plus a reduction kernel per projection. ``x [..., K]``, ``weight [N, K]``."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return _gemv(x2, weight.unsqueeze(0), None, row_div=1, relu2=relu2).view(*lead, weight.shape[0])
 
 
 def supported(x: torch.Tensor, idx: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
