@@ -55,26 +55,26 @@ def bench_ours(config, args) -> dict:
                 "decode_tok_s": batch * (new - 1) / out.decode_seconds, "cuda_graph": out.cuda_graph,
                 "peak_gb": (out.peak_memory_bytes or 0) / 1e9, "setup_s": setup_s}
 
+    def variants(suffix: str, fn) -> None:
+        """b1 and b8 again under another setting; a failure is reported, the default numbers stay."""
+        for key, shape in (("b1", (1, 128, 64)), ("b8", (8, 128, 32))):
+            try:
+                res[key + suffix] = fn(*shape)
+            except Exception as e:
+                res[key + suffix] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
     res["mamba_kernels"] = "triton" if mamba_triton_ops() is not None else "torch"
     res["b1"] = run(1, 128, 64)
     res["b8"] = run(8, 128, 32)
     # The same with decode projections as Triton GEMVs instead of cuBLAS (BackendConfig(linear="triton")).
     model.model.backend.linear = "triton"
-    for key, shape in (("b1", (1, 128, 64)), ("b8", (8, 128, 32))):
-        try:
-            res[key + "_triton_linear"] = run(*shape)
-        except Exception as e:  # report, keep the default numbers
-            res[key + "_triton_linear"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    variants("_triton_linear", run)
     model.model.backend.linear = "torch"
     if args.profile:
         res["profile_decode_b1"] = profile_decode(model, config)
         res["profile_prefill_128"] = profile_prefill(model, config, 128)
     if args.compile:
-        for key, shape in (("b1", (1, 128, 64)), ("b8", (8, 128, 32))):
-            try:
-                res[key + "_compiled"] = run(*shape, compile=True)
-            except Exception as e:  # report, keep the eager numbers
-                res[key + "_compiled"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        variants("_compiled", lambda *shape: run(*shape, compile=True))
     ids = torch.randint(3, config.vocab_size, (1, 8192), generator=g).cuda()
 
     def prefill():
@@ -171,14 +171,6 @@ def bench_hf(config, args) -> dict:
 
     res["b1"] = run(1, 128, 64)
     res["b8"] = run(8, 128, 32)
-    # The same with decode projections as Triton GEMVs instead of cuBLAS (BackendConfig(linear="triton")).
-    model.model.backend.linear = "triton"
-    for key, shape in (("b1", (1, 128, 64)), ("b8", (8, 128, 32))):
-        try:
-            res[key + "_triton_linear"] = run(*shape)
-        except Exception as e:  # report, keep the default numbers
-            res[key + "_triton_linear"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    model.model.backend.linear = "torch"
     ids = torch.randint(3, config.vocab_size, (1, 8192), generator=g).cuda()
 
     def prefill():
@@ -224,6 +216,9 @@ def main() -> None:
     print("| measurement | ours | transformers |\n|---|---|---|")
     for key, label, unit in (("b1", "generate b1 p128 n64", "tok/s"), ("b8", "generate b8 p128 n32", "tok/s")):
         print(f"| {label} | {o[key]['tok_s']:.1f} {unit} | {h.get(key, {}).get('tok_s', float('nan')):.1f} {unit} |")
+        for suffix in ("_triton_linear", "_compiled"):
+            if key + suffix in o:
+                print(f"| {label} ({suffix[1:]}) | {o[key + suffix].get('tok_s', float('nan')):.1f} {unit} | |")
     print(f"| prefill 8192 | {o['prefill_8192_ms']:.1f} ms | {h.get('prefill_8192_ms', float('nan')):.1f} ms |")
 
 
