@@ -87,8 +87,9 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_di
     return out
 
 
-# Dense projections of at most this many rows (decode) may take the GEMV instead of cuBLAS.
-MAX_DENSE_ROWS = 8
+# Dense projections of at most this many rows (batch-1 decode) may take the GEMV instead of cuBLAS.
+# Each program reads its weight tile for one row only, so more rows would re-read the weights.
+MAX_DENSE_ROWS = 1
 
 
 def dense_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

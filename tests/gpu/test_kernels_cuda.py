@@ -200,12 +200,12 @@ def test_triton_linear_decode_matches_cublas() -> None:
     from nemotron_core.generation import Decoder
 
     model = _tiny_model("auto", torch.bfloat16)
-    ids = torch.randint(3, 1000, (2, 12), device="cuda")
-    tok = torch.randint(3, 1000, (6, 2), device="cuda")
+    ids = torch.randint(3, 1000, (1, 12), device="cuda")
+    tok = torch.randint(3, 1000, (6, 1), device="cuda")
     runs = []
     for linear in ("torch", "triton"):
         model.model.backend.linear = linear
-        dec = Decoder(model, 2, 64, cuda_graph=True)
+        dec = Decoder(model, 1, 64, cuda_graph=True)
         steps = [dec.prefill(ids, torch.ones_like(ids))] + [dec.step(t) for t in tok]
         assert dec.graph is not None
         runs.append(torch.stack(steps))
