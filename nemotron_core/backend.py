@@ -19,7 +19,7 @@ EXPERTS_CHOICES = ("grouped", "loop")
 MAMBA_CHOICES = ("auto", "torch", "triton")
 # transformer-engine linear/norm backends are not wired in yet: only choices that run are accepted.
 NORM_CHOICES = ("torch",)
-# "triton": decode-time projections (a few rows, no autograd, on CUDA) as one Triton GEMV each.
+# "triton": batch-1 decode projections (one row, no autograd, on CUDA) as one Triton GEMV each.
 LINEAR_CHOICES = ("torch", "triton")
 
 

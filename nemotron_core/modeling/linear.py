@@ -1,6 +1,6 @@
 """``Linear``: ``nn.Linear`` (same parameters, same checkpoint names) with a switchable decode path.
 
-With ``BackendConfig(linear="triton")`` a projection of a few rows (a decode step) without autograd
+With ``BackendConfig(linear="triton")`` a single-row projection (a batch-1 decode step) without autograd
 runs as one Triton GEMV (``ops.triton_experts.dense_gemv``) instead of cuBLAS's split-K GEMM and its
 reduction kernel; everything else is ``F.linear``. ``relu2_forward`` also folds the MLP activation
 into that GEMV. The model hands every ``Linear`` its (shared) backend object after construction.
