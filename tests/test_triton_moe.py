@@ -114,8 +114,20 @@ def test_combine_int32_pos_with_repeats_and_out_dtype() -> None:
 
 
 # ---- experts ----------------------------------------------------------------------------------------------
+@pytest.fixture(params=["sum_per_step", "late_sum"])
+def gemv_variant(request, monkeypatch):
+    """Both GEMV loop variants the autotuner chooses between (the interpreter runs one config)."""
+    index = triton_experts._TILES.index(triton_experts._CONFIGS[0][:3])
+    if request.param == "late_sum":
+        index += len(triton_experts._TILES)
+    monkeypatch.setattr(triton_experts, "INTERPRETER_CONFIG", index)
+    triton_experts._kernel.cache_clear()
+    yield
+    triton_experts._kernel.cache_clear()
+
+
 @pytest.mark.parametrize("with_shared", [False, True])
-def test_gemv_experts_match_loop(with_shared: bool) -> None:
+def test_gemv_experts_match_loop(with_shared: bool, gemv_variant) -> None:
     x, idx, w, up, down, shared = _experts(n_tok=3, n_exp=8, k=2, d_in=40, inter=24)
     shared = shared if with_shared else None
     want = loop_experts(x, idx, w, up, down, shared)
@@ -161,7 +173,7 @@ def test_loop_experts_add_shared_in_fp32() -> None:
 
 
 @pytest.mark.parametrize("relu2", [False, True])
-def test_dense_gemv_matches_linear(relu2: bool) -> None:
+def test_dense_gemv_matches_linear(relu2: bool, gemv_variant) -> None:
     """The decode-time dense GEMV (``BackendConfig(linear="triton")``) against F.linear (+ relu2)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 1, 40, generator=g).to(DEVICE)  # [batch, 1 token, K]

@@ -21,10 +21,15 @@ from .triton_moe import combine_triton
 MAX_SLOTS = 64
 
 
-# (BLOCK_N, BLOCK_K, warps). The 8-warp tiles keep more bytes in flight per SM: at 22.9 us per call
-# (2.6 TB/s) the 4-warp ones leave bandwidth unused on an H200. The autotuner keeps the fastest.
-_CONFIGS = ((16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (8, 512, 4),
-            (32, 256, 8), (64, 256, 8), (16, 512, 8), (128, 128, 8))
+# (BLOCK_N, BLOCK_K, warps, LATE_SUM). The 8-warp tiles keep more bytes in flight per SM: at 22.9 us
+# per call (2.6 TB/s) the 4-warp ones leave bandwidth unused on an H200. LATE_SUM accumulates
+# elementwise and reduces across K once at the end, instead of a cross-thread reduction per K step.
+# The autotuner keeps the fastest (and caches its choice on disk, so a later process skips the search).
+_TILES = ((16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (8, 512, 4),
+          (32, 256, 8), (64, 256, 8), (16, 512, 8), (128, 128, 8))
+_CONFIGS = tuple((bn, bk, w, late) for late in (False, True) for bn, bk, w in _TILES)
+# The interpreter (CPU tests) cannot time configs: it runs this one (tests switch it, then rebuild).
+INTERPRETER_CONFIG = 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,17 +40,19 @@ def _kernel():
     from .triton_moe import interpreting
 
     # The interpreter (CPU tests) cannot time configs: give it one, so the autotuner never benchmarks.
-    configs = _CONFIGS[:1] if interpreting() else _CONFIGS
+    configs = (_CONFIGS[INTERPRETER_CONFIG],) if interpreting() else _CONFIGS
 
     @triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in configs],
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "LATE_SUM": late}, num_warps=w)
+                 for bn, bk, w, late in configs],
         key=["N", "K"],
+        cache_results=True,
     )
     @triton.jit
     def expert_gemv(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr,
                     stride_xm, stride_we, stride_wn, stride_om,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, RELU2: tl.constexpr,
-                    SINGLE: tl.constexpr):
+                    SINGLE: tl.constexpr, LATE_SUM: tl.constexpr):
         # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
         # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
         # Slot s = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
@@ -60,12 +67,18 @@ def _kernel():
         row = (slot // ROW_DIV).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :],
                         mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-            acc += tl.sum(w * x[None, :], axis=1)
+            if LATE_SUM:
+                acc2 += w * x[None, :]
+            else:
+                acc += tl.sum(w * x[None, :], axis=1)
+        if LATE_SUM:
+            acc = tl.sum(acc2, axis=1)
         if RELU2:
             acc = tl.maximum(acc, 0.0)
             acc = acc * acc
