@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/su
 has tests && step tests 240 python3 -m pytest tests/gpu -q -x -p no:cacheprovider
 has gemv && step gemv 120 python3 benchmarks/gpu_gemv.py
 has generate && step generate 240 python3 benchmarks/gpu_generate.py --profile --out "$out/generate.json"
-has train && step train 300 python3 benchmarks/gpu_train.py --parts step --compile --out "$out/train.json"
+has train && step train 300 python3 benchmarks/gpu_train.py --parts step --compile --profile --out "$out/train.json"
 has memory && step memory 200 python3 benchmarks/gpu_train.py --parts memory --out "$out/memory.json"
 has packed && step packed 200 python3 benchmarks/gpu_train.py --parts packed --skip-hf --out "$out/packed.json"
 exit 0
