@@ -127,11 +127,31 @@ def _step_variant(key: str, results: dict, make_model, config) -> None:
     free()
 
 
+def enable_checkpointing(model, hf: bool) -> str:
+    """The model's own switch; for transformers, if that fails (5.17 raised a TypeError on the H200),
+    torch's non-reentrant checkpoint wrapper around each decoder block: the same mechanism as ours."""
+    if not hf:
+        model.gradient_checkpointing_enable()
+        return "nemotron gradient_checkpointing_enable"
+    try:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return "transformers gradient_checkpointing_enable(use_reentrant=False)"
+    except Exception as e:  # noqa: BLE001 - any failure of the library switch
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+        base = getattr(model, "model", None) or model.backbone  # the name differs between 5.x releases
+        layers = base.layers
+        for i, block in enumerate(layers):
+            layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        return f"torch checkpoint_wrapper per block (gradient_checkpointing_enable: {type(e).__name__})"
+
+
 def lora_style_peak(model, config, seq: int, checkpointing: bool, hf: bool) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
+    mode = "off"
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        mode = enable_checkpointing(model, hf)
     else:
         model.gradient_checkpointing_disable()
     model.train()
@@ -139,7 +159,8 @@ def lora_style_peak(model, config, seq: int, checkpointing: bool, hf: bool) -> d
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
 
     def run():
-        loss = model(inputs_embeds=emb, labels=ids).loss
+        # No cache in training (transformers would otherwise update one, which a recompute would see).
+        loss = model(inputs_embeds=emb, labels=ids, **({"use_cache": False} if hf else {})).loss
         loss.backward()
 
     run()  # warm-up (autotune)
@@ -149,7 +170,7 @@ def lora_style_peak(model, config, seq: int, checkpointing: bool, hf: bool) -> d
     t = time.perf_counter()
     run()
     torch.cuda.synchronize()
-    return {"peak_gb": torch.cuda.max_memory_allocated() / 1e9, "weights_gb": base / 1e9,
+    return {"checkpointing": mode, "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "weights_gb": base / 1e9,
             "activations_peak_gb": (torch.cuda.max_memory_allocated() - base) / 1e9,
             "fwd_bwd_s": time.perf_counter() - t}
 
