@@ -154,6 +154,10 @@ def lora_style_peak(model, config, seq: int, checkpointing: bool, hf: bool) -> d
         mode = enable_checkpointing(model, hf)
     else:
         model.gradient_checkpointing_disable()
+        if hf:  # undo the fallback wrappers too
+            layers = (getattr(model, "model", None) or model.backbone).layers
+            for i, block in enumerate(layers):
+                layers[i] = getattr(block, "_checkpoint_wrapped_module", block)
     model.train()
     ids = torch.randint(3, config.vocab_size, (1, seq), device="cuda")
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
