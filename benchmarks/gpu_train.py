@@ -127,6 +127,10 @@ def _step_variant(key: str, results: dict, make_model, config) -> None:
     free()
 
 
+def _hf_layers(model):
+    return (getattr(model, "model", None) or model.backbone).layers  # the name differs between 5.x releases
+
+
 def enable_checkpointing(model, hf: bool) -> str:
     """The model's own switch; for transformers, if that fails (5.17 raised a TypeError on the H200),
     torch's non-reentrant checkpoint wrapper around each decoder block: the same mechanism as ours."""
@@ -139,8 +143,7 @@ def enable_checkpointing(model, hf: bool) -> str:
     except Exception as e:  # noqa: BLE001 - any failure of the library switch
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-        base = getattr(model, "model", None) or model.backbone  # the name differs between 5.x releases
-        layers = base.layers
+        layers = _hf_layers(model)
         for i, block in enumerate(layers):
             layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
         return f"torch checkpoint_wrapper per block (gradient_checkpointing_enable: {type(e).__name__})"
@@ -155,7 +158,7 @@ def lora_style_peak(model, config, seq: int, checkpointing: bool, hf: bool) -> d
     else:
         model.gradient_checkpointing_disable()
         if hf:  # undo the fallback wrappers too
-            layers = (getattr(model, "model", None) or model.backbone).layers
+            layers = _hf_layers(model)
             for i, block in enumerate(layers):
                 layers[i] = getattr(block, "_checkpoint_wrapped_module", block)
     model.train()
