@@ -12,9 +12,9 @@ from torch import nn
 
 from ..backend import BackendConfig, mamba_triton_ops, resolve_mamba
 from ..ops import triton_conv
-from ..ops.triton_conv import causal_conv1d_triton, causal_conv1d_update_triton
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.ssd import ssd_scan, ssd_step
+from ..ops.triton_conv import causal_conv1d_triton, causal_conv1d_update_triton
 from .linear import Linear
 from .norms import GatedRMSNorm
 
@@ -86,8 +86,8 @@ class Mamba2(nn.Module):
     def _A(self) -> torch.Tensor:
         """``A = -exp(A_log)``; without autograd it is cached until ``A_log`` changes (two kernels
         per layer and token at decode time otherwise)."""
-        if torch.is_grad_enabled() and self.A_log.requires_grad:
-            return -torch.exp(self.A_log.float())
+        if (torch.is_grad_enabled() and self.A_log.requires_grad) or torch.compiler.is_compiling():
+            return -torch.exp(self.A_log.float())  # (compiled code fuses it anyway)
         key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device)
         if getattr(self, "_A_cache_key", None) != key:
             self._A_cache = -torch.exp(self.A_log.detach().float())
