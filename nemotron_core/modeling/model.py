@@ -21,6 +21,7 @@ from ..batch import BatchMeta, causal_bool_mask, make_batch_meta
 from ..config import ATTENTION, MAMBA, MLP as MLP_T, MOE, NemotronHConfig
 from ..dtypes import cast_model
 from ..errors import InputError
+from ..ops import triton_ce
 from .attention import Attention
 from .linear import Linear
 from .mamba2 import Mamba2
@@ -213,8 +214,6 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     scored tokens, or sum / ``num_items_in_batch`` under gradient accumulation."""
     if targets.shape != logits.shape[:-1]:
         raise InputError(f"labels shape {tuple(targets.shape)} does not match the logits' {tuple(logits.shape[:-1])}")
-    from ..ops import triton_ce
-
     flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device)
     if logits.is_cuda and not torch.compiler.is_compiling() and triton_ce.supported(flat_logits):
         # One fused pass each way over the logits in their own dtype, saving only an fp32 logsumexp
