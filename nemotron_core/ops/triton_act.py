@@ -24,7 +24,8 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from .triton_moe import interpreting, usable
+from . import triton_bf16
+from .triton_moe import usable
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -40,31 +41,7 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    # Triton's CPU interpreter converts between bf16 and fp32 wrongly: it truncates instead of
-    # rounding to nearest even, and flushes bf16 subnormals to zero when widening. On a GPU ``.to``
-    # does both exactly, as torch does. Under the interpreter (BF16_BY_BITS, bf16 tensors only) the
-    # two helpers convert on the bit patterns instead, so the tests see what a GPU computes.
-    @triton.jit
-    def _widen(v, BF16_BY_BITS: tl.constexpr):
-        """A loaded value as fp32 (exact)."""
-        if BF16_BY_BITS:
-            # bf16 is the upper half of an fp32.
-            return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        else:
-            return v.to(tl.float32)
-
-    @triton.jit
-    def _round(v, out_ty: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-        """fp32 ``v`` rounded to nearest even in ``out_ty``."""
-        if BF16_BY_BITS:
-            # Add 0x7FFF plus the lowest kept bit, drop the low 16 bits.
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            # NaN: the add could carry a NaN's payload into an inf; give the quiet NaN instead.
-            bits = tl.where(v != v, 0x7FC00000, bits)
-            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            return v.to(out_ty)
+    _widen, _round = triton_bf16.helpers()  # exact bf16 conversions, also in the interpreter
 
     @triton.jit
     def relu2_fwd(x_ptr, y_ptr, n, BLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr):
@@ -93,14 +70,6 @@ def _kernels():
     return relu2_fwd, relu2_bwd, triton.cdiv
 
 
-def _bf16_by_bits(x: torch.Tensor) -> bool:
-    """Whether the kernels must convert bf16 by hand: bf16 under the interpreter (see ``_widen``).
-
-    x, y, dy and dx share one dtype (autograd hands the backward a gradient in the output's dtype).
-    """
-    return x.dtype == torch.bfloat16 and interpreting()
-
-
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """``t`` laid out densely in row-major order (the kernels index it as one flat array)."""
     return t if t.is_contiguous() else t.contiguous()
@@ -113,7 +82,7 @@ def _forward(x: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return y
     fwd, _, cdiv = _kernels()
-    fwd[(cdiv(n, _BLOCK),)](x, y, n, BLOCK=_BLOCK, BF16_BY_BITS=_bf16_by_bits(x), num_warps=_NUM_WARPS)
+    fwd[(cdiv(n, _BLOCK),)](x, y, n, BLOCK=_BLOCK, BF16_BY_BITS=triton_bf16.by_bits(x), num_warps=_NUM_WARPS)
     return y
 
 
@@ -125,7 +94,7 @@ def _backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return dx
     _, bwd, cdiv = _kernels()
-    bwd[(cdiv(n, _BLOCK),)](x, dy, dx, n, BLOCK=_BLOCK, BF16_BY_BITS=_bf16_by_bits(x), num_warps=_NUM_WARPS)
+    bwd[(cdiv(n, _BLOCK),)](x, dy, dx, n, BLOCK=_BLOCK, BF16_BY_BITS=triton_bf16.by_bits(x), num_warps=_NUM_WARPS)
     return dx
 
 

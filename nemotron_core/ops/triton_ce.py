@@ -29,7 +29,8 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from .triton_moe import interpreting, usable
+from . import triton_bf16
+from .triton_moe import usable
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -49,28 +50,7 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    # Triton's CPU interpreter converts bf16 wrongly: it flushes bf16 subnormals to zero when
-    # widening and truncates instead of rounding to nearest even when narrowing. A GPU's ``.to`` does
-    # both exactly, as torch does. Under the interpreter (BF16_BY_BITS, bf16 logits only) the two
-    # helpers work on the bit patterns, so the tests see what a GPU computes.
-    @triton.jit
-    def _ce_widen(v, BF16_BY_BITS: tl.constexpr):
-        if BF16_BY_BITS:
-            # A bf16 is the upper half of an fp32 with the same value.
-            return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        else:
-            return v.to(tl.float32)
-
-    @triton.jit
-    def _ce_round(v, out_ty: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-        if BF16_BY_BITS:
-            # Round to nearest even on the bits: add 0x7FFF plus the lowest kept bit, keep the top 16.
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            bits = tl.where(v != v, 0x7FC00000, bits)  # a NaN's payload could carry into an inf
-            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            return v.to(out_ty)
+    _ce_widen, _ce_round = triton_bf16.helpers()  # exact bf16 conversions, also in the interpreter
 
     @triton.jit
     def ce_fwd(logits_ptr, targets_ptr, loss_ptr, lse_ptr, stride_row, ignore_index,
@@ -142,11 +122,6 @@ def _kernels():
     return ce_fwd, ce_bwd
 
 
-def _bf16_by_bits(logits: torch.Tensor) -> bool:
-    """Whether the kernels must convert bf16 by hand: bf16 logits under the interpreter."""
-    return logits.dtype == torch.bfloat16 and interpreting()
-
-
 def _forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses (0 on ignored rows) and logsumexps, both fp32 [R]."""
     rows, vocab = logits.shape
@@ -155,7 +130,7 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> 
     if rows:
         fwd, _ = _kernels()
         fwd[(rows,)](logits, targets, losses, lse, logits.stride(0), ignore_index,
-                     V=vocab, BLOCK_V=BLOCK_V, BF16_BY_BITS=_bf16_by_bits(logits), num_warps=_NUM_WARPS)
+                     V=vocab, BLOCK_V=BLOCK_V, BF16_BY_BITS=triton_bf16.by_bits(logits), num_warps=_NUM_WARPS)
     return losses, lse
 
 
@@ -167,7 +142,7 @@ def _backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, gr
         _, bwd = _kernels()
         g = grad.detach().to(torch.float32).reshape(1)
         bwd[(rows,)](logits, targets, lse, g, dlogits, logits.stride(0), dlogits.stride(0), ignore_index,
-                     V=vocab, BLOCK_V=BLOCK_V, BF16_BY_BITS=_bf16_by_bits(logits), num_warps=_NUM_WARPS)
+                     V=vocab, BLOCK_V=BLOCK_V, BF16_BY_BITS=triton_bf16.by_bits(logits), num_warps=_NUM_WARPS)
     return dlogits
 
 
