@@ -19,7 +19,7 @@ step() {  # name, seconds, command...
   tail -4 "$out/$name.log"
 }
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/summary.txt"
-has tests && step tests 240 python3 -m pytest tests/gpu -q -x -p no:cacheprovider
+has tests && step tests 360 python3 -m pytest tests/gpu -q -p no:cacheprovider
 has gemv && step gemv 120 python3 benchmarks/gpu_gemv.py
 has generate && step generate 240 python3 benchmarks/gpu_generate.py --profile --out "$out/generate.json"
 has train && step train 300 python3 benchmarks/gpu_train.py --parts step --compile --profile --out "$out/train.json"
