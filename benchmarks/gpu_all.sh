@@ -3,12 +3,12 @@
 #
 #   bash benchmarks/gpu_all.sh OUTDIR [parts]
 #
-# parts (default all, comma-separated): tests, gemv, generate, train, memory, packed.
+# parts (default all, comma-separated): tests, gemv, attn, generate, train, memory, packed.
 # Each part has its own time limit, so one that hangs cannot starve the rest; logs and JSON results
 # land in OUTDIR. Run from the project root with mamba-ssm importable (see BENCHMARKS.md's set-up).
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUTDIR [parts]}
-parts=${2:-tests,gemv,generate,train,memory,packed}
+parts=${2:-tests,gemv,attn,generate,train,memory,packed}
 mkdir -p "$out"
 has() { [[ ",$parts," == *",$1,"* ]]; }
 step() {  # name, seconds, command...
@@ -21,6 +21,7 @@ step() {  # name, seconds, command...
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/summary.txt"
 has tests && step tests 360 python3 -m pytest tests/gpu -q -p no:cacheprovider
 has gemv && step gemv 120 python3 benchmarks/gpu_gemv.py
+has attn && step attn 90 python3 benchmarks/gpu_attention.py
 has generate && step generate 240 python3 benchmarks/gpu_generate.py --profile --out "$out/generate.json"
 has train && step train 300 python3 benchmarks/gpu_train.py --parts step --compile --profile --out "$out/train.json"
 has memory && step memory 200 python3 benchmarks/gpu_train.py --parts memory --out "$out/memory.json"
