@@ -114,12 +114,13 @@ def test_combine_int32_pos_with_repeats_and_out_dtype() -> None:
 
 
 # ---- experts ----------------------------------------------------------------------------------------------
-@pytest.fixture(params=["sum_per_step", "late_sum"])
+@pytest.fixture(params=["sum_per_step", "late_sum", "grouped"])
 def gemv_variant(request, monkeypatch):
-    """Both GEMV loop variants the autotuner chooses between (the interpreter runs one config)."""
-    index = triton_experts._TILES.index(triton_experts._CONFIGS[0][:3])
-    if request.param == "late_sum":
-        index += len(triton_experts._TILES)
+    """The GEMV variants the autotuner chooses between (the interpreter runs one config)."""
+    configs = triton_experts._CONFIGS
+    index = {"sum_per_step": 0, "late_sum": len(triton_experts._TILES),
+             "grouped": next(i for i, c in enumerate(configs) if c[4])}[request.param]
+    assert configs[index][3] == (request.param == "late_sum") and configs[index][4] == (request.param == "grouped")
     monkeypatch.setattr(triton_experts, "INTERPRETER_CONFIG", index)
     triton_experts._kernel.cache_clear()
     yield
@@ -129,6 +130,7 @@ def gemv_variant(request, monkeypatch):
 @pytest.mark.parametrize("with_shared", [False, True])
 def test_gemv_experts_match_loop(with_shared: bool, gemv_variant) -> None:
     x, idx, w, up, down, shared = _experts(n_tok=3, n_exp=8, k=2, d_in=40, inter=24)
+    assert idx.unique().numel() < idx.numel()  # some expert serves several tokens (a group)
     shared = shared if with_shared else None
     want = loop_experts(x, idx, w, up, down, shared)
     got = triton_experts.gemv_experts(x, idx, w, up, down, shared)  # int64 ids, as the router gives
@@ -214,3 +216,10 @@ def test_model_decode_with_triton_linear_matches_torch_linear() -> None:
     model.model.backend.linear = "torch"
     assert any(isinstance(m, Linear) for m in model.modules())
     assert tiny.rel_err(runs[0], runs[1]) <= TOL
+
+
+def test_gemv_experts_batch_of_eight(gemv_variant) -> None:
+    """Batch-8 decode: 24 slots on 12 experts, so most experts serve several tokens."""
+    x, idx, w, up, down, shared = _experts(n_tok=8, n_exp=12, k=3, d_in=40, inter=24, seed=5)
+    want = loop_experts(x, idx, w, up, down, shared)
+    assert tiny.rel_err(want, triton_experts.gemv_experts(x, idx, w, up, down, shared)) <= TOL

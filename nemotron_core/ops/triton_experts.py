@@ -27,7 +27,13 @@ MAX_SLOTS = 64
 # The autotuner keeps the fastest (and caches its choice on disk, so a later process skips the search).
 _TILES = ((16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (8, 512, 4),
           (32, 256, 8), (64, 256, 8), (16, 512, 8), (128, 128, 8))
-_CONFIGS = tuple((bn, bk, w, late) for late in (False, True) for bn, bk, w in _TILES)
+_CONFIGS = tuple((bn, bk, w, late, False) for late in (False, True) for bn, bk, w in _TILES)
+# GROUPED: one program per (expert, N block) serves every slot routed to that expert, reading its
+# weights once (tensor-core dot over the member rows) instead of once per slot. With several tokens
+# per step (batch 8: ~48 slots on ~41 distinct experts) that is less weight traffic; at batch 1 it
+# saves nothing. The autotuner (keyed on the slot count too) decides.
+_GROUPED_TILES = ((32, 128, 4), (64, 128, 4), (32, 256, 8), (64, 256, 8))
+_CONFIGS += tuple((bn, bk, w, False, True) for bn, bk, w in _GROUPED_TILES)
 # The interpreter (CPU tests) cannot time configs: it runs this one (tests switch it, then rebuild).
 INTERPRETER_CONFIG = 0
 
@@ -42,17 +48,53 @@ def _kernel():
     # The interpreter (CPU tests) cannot time configs: give it one, so the autotuner never benchmarks.
     configs = (_CONFIGS[INTERPRETER_CONFIG],) if interpreting() else _CONFIGS
 
+    @triton.jit
+    def _grouped_slots(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S, stride_xm, stride_we, stride_wn,
+                       stride_om, slot, e, offs_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       ROW_DIV: tl.constexpr, RELU2: tl.constexpr, S_P2: tl.constexpr, MG: tl.constexpr,
+                       IEEE: tl.constexpr):
+        """The slots routed to expert ``e``, computed by the program of the first of them (the others
+        return at once): its weight tile is read once per K step and multiplied into all member rows."""
+        offs_s = tl.arange(0, S_P2)
+        ids = tl.load(expert_ptr + offs_s, mask=offs_s < S, other=-1).to(tl.int64)
+        same = (ids == e) & (offs_s < S)
+        if tl.min(tl.where(same, offs_s, S_P2), axis=0) == slot:
+            # Member m of the group = the slot whose running count of members is m.
+            rank = tl.cumsum(same.to(tl.int32), axis=0) - 1
+            offs_m = tl.arange(0, MG)
+            pick = same[None, :] & (rank[None, :] == offs_m[:, None])
+            member = tl.sum(tl.where(pick, offs_s[None, :], 0), axis=1)
+            valid = offs_m < tl.sum(same.to(tl.int32), axis=0)
+            rows = (member // ROW_DIV).to(tl.int64)
+            acc = tl.zeros((MG, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                xs = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                             mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+                w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :],
+                            mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+                if IEEE:  # fp32 inputs keep full precision (no TF32)
+                    acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
+                else:  # bf16/fp16 products are exact in the fp32 accumulator
+                    acc = tl.dot(xs, tl.trans(w), acc)
+            if RELU2:
+                acc = tl.maximum(acc, 0.0)
+                acc = acc * acc
+            tl.store(out_ptr + member[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
     @triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "LATE_SUM": late}, num_warps=w)
-                 for bn, bk, w, late in configs],
-        key=["N", "K"],
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "LATE_SUM": late, "GROUPED": grouped}, num_warps=w)
+                 for bn, bk, w, late, grouped in configs],
+        key=["N", "K", "S"],
         cache_results=True,
     )
     @triton.jit
-    def expert_gemv(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr,
+    def expert_gemv(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S,
                     stride_xm, stride_we, stride_wn, stride_om,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, RELU2: tl.constexpr,
-                    SINGLE: tl.constexpr, LATE_SUM: tl.constexpr):
+                    SINGLE: tl.constexpr, LATE_SUM: tl.constexpr, GROUPED: tl.constexpr,
+                    S_P2: tl.constexpr, MG: tl.constexpr, IEEE: tl.constexpr):
         # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
         # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
         # Slot s = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
@@ -64,8 +106,12 @@ def _kernel():
             e = 0
         else:
             e = tl.load(expert_ptr + slot).to(tl.int64)  # int64 router ids, or int32
-        row = (slot // ROW_DIV).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if GROUPED and not SINGLE:
+            _grouped_slots(x_ptr, w_ptr, expert_ptr, out_ptr, N, K, S, stride_xm, stride_we, stride_wn, stride_om,
+                           slot, e, offs_n, BLOCK_N, BLOCK_K, ROW_DIV, RELU2, S_P2, MG, IEEE)
+            return
+        row = (slot // ROW_DIV).to(tl.int64)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -84,10 +130,12 @@ def _kernel():
             acc = acc * acc
         tl.store(out_ptr + slot * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
+    globals().update(tl=tl, _grouped_slots=_grouped_slots)  # the interpreter resolves names here
     return expert_gemv, triton.cdiv
 
 
-def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_div: int, relu2: bool) -> torch.Tensor:
+def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_div: int, relu2: bool,
+          tokens: int = 1) -> torch.Tensor:
     """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (relu2'd if asked); with
     ``experts=None``, ``w`` holds one matrix and row s is ``w[0] @ x[s]``."""
     kernel, cdiv = _kernel()
@@ -95,8 +143,12 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_di
     rows = experts.shape[0] if experts is not None else x.shape[0]
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (rows, cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    kernel[grid](x, w, experts if experts is not None else x, out, n, k, x.stride(0), w.stride(0), w.stride(1),
-                 out.stride(0), ROW_DIV=row_div, RELU2=relu2, SINGLE=experts is None)
+    # A group holds at most one slot per token (a token's experts are distinct): MG >= tokens rows
+    # cover it (tl.dot wants at least 16).
+    kernel[grid](x, w, experts if experts is not None else x, out, n, k, rows, x.stride(0), w.stride(0), w.stride(1),
+                 out.stride(0), ROW_DIV=row_div, RELU2=relu2, SINGLE=experts is None,
+                 S_P2=triton_moe._next_pow2(rows), MG=max(16, triton_moe._next_pow2(tokens)),
+                 IEEE=x.dtype == torch.float32)
     return out
 
 
@@ -144,6 +196,6 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
     """
     ntok, topk = idx.shape
     experts = idx.reshape(-1)  # a view of the router's contiguous output: no launch
-    h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True)  # [slots, inter]
-    y = _gemv(h, down, experts, row_div=1, relu2=False)  # [slots, out], slot order
+    h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok)  # [slots, inter]
+    y = _gemv(h, down, experts, row_div=1, relu2=False, tokens=ntok)  # [slots, out], slot order
     return combine_triton(y, None, weights, shared, out_dtype=x.dtype)
