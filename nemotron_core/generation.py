@@ -136,6 +136,7 @@ class Decoder:
         # exists so tests can check the padded path against the plain one.
         self.bucket_prefill = self.use_graph if bucket_prefill is None else bucket_prefill
         self._static: dict[int, _StaticPrefill] = {}
+        self._bucket_uses: dict[int, int] = {}
         self._prefill_pool = None
         # torch.compile fuses the many small ops of a step (routing, norms, the state update) into
         # few kernels; the CUDA graph then removes the launch cost of what is left.
@@ -224,11 +225,17 @@ class Decoder:
 
     def _bucket_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, bucket: int) -> torch.Tensor | None:
         """Prefill padded to ``bucket`` positions through static buffers (replaying a CUDA graph when
-        graphs are on). None when the graph cannot be captured (the caller prefills eagerly)."""
+        graphs are on). None when the caller should prefill eagerly: the bucket's first use with
+        graphs, or a graph that could not be captured."""
         from .modeling.model import check_token_ids
 
-        check_token_ids(input_ids, self.model.config.vocab_size)  # eagerly: the graph cannot raise
         st = self._static.get(bucket)
+        if st is None and self.use_graph and self._bucket_uses.get(bucket, 0) == 0:
+            # A capture costs two warm-up prefills plus the capture itself: only worth it for a bucket
+            # that comes back (more prompts, a reused Decoder). The first prompt prefills eagerly.
+            self._bucket_uses[bucket] = 1
+            return None
+        check_token_ids(input_ids, self.model.config.vocab_size)  # eagerly: the graph cannot raise
         if st is None:
             st = self._static_buffers(bucket)
             if self.use_graph and not self._capture_prefill(st):
