@@ -328,7 +328,7 @@ def generate(
 
     from rich.markup import escape
 
-    from nemotron_core.generation import SamplingConfig
+    from nemotron_core.generation import PREFILL_BUCKET, Decoder, SamplingConfig
     from nemotron_core.generation import generate as core_generate
     from nemotron_core.modeling.model import NemotronHForCausalLM
 
@@ -387,6 +387,10 @@ def generate(
     capped_warned = False
     interrupted = False
 
+    # One decoder per batch size, reused across batches: its cache and captured CUDA graphs (decode
+    # step, prefill buckets) then serve every batch instead of being rebuilt for each.
+    decoders: dict[int, Decoder] = {}
+    room = max(len(p) for p in encoded) + max_new_tokens + PREFILL_BUCKET
     for start in range(0, len(records), batch_size):
         batch = encoded[start:start + batch_size]
         longest = max(len(p) for p in batch)
@@ -427,7 +431,11 @@ def generate(
             return stop_rows if any(stop_rows) else None
 
         need_cb = stream or bool(stops)
-        result = core_generate(lm, batch, bcfg, pad_id=pad_id, on_tokens=on_tokens if need_cb else None)
+        decoder = decoders.get(len(batch))
+        if decoder is None:
+            decoder = decoders[len(batch)] = Decoder(lm, len(batch), room)
+        result = core_generate(lm, batch, bcfg, pad_id=pad_id, on_tokens=on_tokens if need_cb else None,
+                               decoder=decoder)
         if result.peak_memory_bytes is not None:
             peak_cuda = max(peak_cuda or 0, result.peak_memory_bytes)
         totals["prompt"] += sum(result.prompt_tokens)
