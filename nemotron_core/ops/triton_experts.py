@@ -88,6 +88,10 @@ def _kernel():
                  for bn, bk, w, late, grouped in configs],
         key=["N", "K", "S"],
         cache_results=True,
+        # Each call takes tens of microseconds: 25 ms of timing per config is over a thousand calls,
+        # and keeps the first call's search short (22 configs per shape).
+        warmup=5,
+        rep=25,
     )
     @triton.jit
     def expert_gemv(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S,
