@@ -42,6 +42,7 @@ INTERPRETER_CONFIG = 0
 def _kernel():
     import triton
     import triton.language as tl
+    import triton.testing
 
     from .triton_moe import interpreting
 
@@ -90,8 +91,7 @@ def _kernel():
         cache_results=True,
         # Each call takes tens of microseconds: 25 ms of timing per config is over a thousand calls,
         # and keeps the first call's search short (22 configs per shape).
-        warmup=5,
-        rep=25,
+        do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
     )
     @triton.jit
     def expert_gemv(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S,
