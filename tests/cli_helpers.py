@@ -7,11 +7,15 @@ environment's copy) answers.
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPLETIONS_DIR = REPO_ROOT / "completions"
@@ -42,6 +46,29 @@ def run_nemotron(*args: str, timeout: float = 300, **env: str) -> subprocess.Com
     """Run ``nemotron ARGS...`` and capture stdout and stderr separately (text)."""
     return subprocess.run([nemotron_exe(), *args], capture_output=True, text=True,
                           timeout=timeout, env=cli_env(**env), cwd=REPO_ROOT)
+
+
+def interrupt_when(args: list[str], ready: Callable[[bytes], bool], deadline_s: float = 120, settle_s: float = 0.0,
+                   **env: str) -> tuple[int, bytes, bytes, bytes]:
+    """Run ``nemotron ARGS...``, read its stdout until ``ready(stdout so far)``, wait ``settle_s``,
+    send SIGINT (a real Ctrl-C) and collect the rest: (exit code, stdout before, stdout after, stderr)."""
+    proc = subprocess.Popen([nemotron_exe(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=cli_env(**env), cwd=REPO_ROOT)
+    try:
+        first = b""
+        deadline = time.monotonic() + deadline_s
+        while not ready(first) and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                first += os.read(proc.stdout.fileno(), 4096)
+        assert ready(first), f"no output to interrupt after before the deadline (exit {proc.poll()})"
+        time.sleep(settle_s)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, first, rest, err
 
 
 # Source the script, set COMP_WORDS/COMP_CWORD as bash would for the cursor at the end of the last

@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from cli_helpers import REPO_ROOT, cli_env, complete_bash, init_tiny, nemotron_exe, run_nemotron
+from cli_helpers import complete_bash, init_tiny, interrupt_when, run_nemotron
 
 FAST = {"OMP_NUM_THREADS": "1"}
 LOG_KEYS = {"event", "step", "total_steps", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
@@ -83,23 +79,10 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(model_dir, data, tmp_path
     out = tmp_path / "run"
     args = [str(model_dir), "--data", str(data / "train.jsonl"), "--output", str(out), "--batch-size", "2",
             "--schedule", "constant", "--log-every", "1", "--json"]
-    proc = subprocess.Popen([nemotron_exe(), "finetune", *args, "--steps", "100000"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=cli_env(**FAST), cwd=REPO_ROOT)
-    try:
-        first = b""
-        deadline = time.monotonic() + 120
-        while b"\n" not in first and time.monotonic() < deadline and proc.poll() is None:
-            if select.select([proc.stdout], [], [], 1.0)[0]:
-                first += os.read(proc.stdout.fileno(), 4096)
-        assert b"\n" in first, f"no log line before the deadline (exit {proc.poll()})"
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    code, first, rest, err = interrupt_when(["finetune", *args, "--steps", "100000"],
+                                            ready=lambda out: b"\n" in out, **FAST)  # a whole log line
     stderr = err.decode()
-    assert proc.returncode == 130, stderr
+    assert code == 130, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr
     events = json_lines((first + rest).decode())
     stop = events[-1]

@@ -7,18 +7,14 @@ OMP_NUM_THREADS=1: tiny matrices, and a shared CPU makes OpenMP spin-waiting ver
 from __future__ import annotations
 
 import json
-import os
-import select
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from cli_helpers import REPO_ROOT, cli_env, nemotron_exe, run_nemotron
+from cli_helpers import interrupt_when, run_nemotron
 
 JSON_KEYS = {"index", "prompt", "text", "prompt_tokens", "completion_tokens", "finish_reason", "timings"}
 TIMING_KEYS = {"prefill_s", "decode_s", "tokens_per_s"}
@@ -116,27 +112,12 @@ def test_sigint_keeps_text_and_exits_130(model_dir, tmp_path):
     cfg = json.loads((long_dir / "config.json").read_text())
     cfg["max_position_embeddings"] = 200_000
     (long_dir / "config.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen([nemotron_exe(), "generate", str(long_dir), "--prompt", "Once upon a time",
-                             "--max-new-tokens", "100000", "--greedy"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(**FAST), cwd=REPO_ROOT)
-    try:
-        first = b""
-        deadline = time.monotonic() + 90
-        while not first and time.monotonic() < deadline and proc.poll() is None:
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if ready:
-                first = os.read(proc.stdout.fileno(), 4096)
-        assert first, f"no output before the deadline (exit {proc.poll()})"
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    code, first, rest, err = interrupt_when(
+        ["generate", str(long_dir), "--prompt", "Once upon a time", "--max-new-tokens", "100000", "--greedy"],
+        ready=bool, deadline_s=90, settle_s=0.3, **FAST)  # the first streamed text
     stdout = (first + rest).decode("utf-8", errors="replace")
     stderr = err.decode("utf-8", errors="replace")
-    assert proc.returncode == 130, stderr
+    assert code == 130, stderr
     assert stdout.startswith(first.decode("utf-8", errors="replace").rstrip("\ufffd"))
     assert len(stdout.strip()) >= len(first.strip()) > 0
     assert stdout.endswith("\n")
