@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..backend import mamba_triton_ops
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise in fp32, multiply by the weight in fp32, cast back to the input dtype.
@@ -17,8 +19,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     matters at decode time (batch 1 runs 53 norms per token)."""
     if x.is_cuda and x.dtype == weight.dtype:
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            from ..backend import mamba_triton_ops
-
             ops = mamba_triton_ops()
             if ops is not None:
                 # mamba-ssm's Triton row norm: same math, but 1.7 us per single-row call on an H200

@@ -164,9 +164,7 @@ MAX_DENSE_ROWS = 1
 def dense_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``dense_gemv`` takes ``x [..., K]`` against ``weight [N, K]``: CUDA (or the CPU
     interpreter), a few rows, contiguous last dims, one dtype."""
-    if x.numel() > MAX_DENSE_ROWS * x.shape[-1] or x.dtype != weight.dtype:
-        return False
-    if weight.stride(-1) != 1 or not (x.is_cuda or triton_moe.interpreting()):
+    if x.numel() > MAX_DENSE_ROWS * x.shape[-1] or x.dtype != weight.dtype or weight.stride(-1) != 1:
         return False
     return triton_moe.usable(x)
 
