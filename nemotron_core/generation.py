@@ -116,6 +116,28 @@ class GenerationOutput:
         return sum(len(s) for s in self.sequences)
 
 
+def _capture_graph(fn: Callable[[], torch.Tensor], what: str, warmup: int,
+                   pool=None) -> tuple["torch.cuda.CUDAGraph", torch.Tensor] | None:
+    """Run ``fn`` ``warmup`` times on a side stream (autotuning and lazy initialisation stay outside
+    the capture), then record one call: (graph, its output buffer). None, with a warning, when the
+    call cannot be captured (e.g. a path that sizes its work on the host)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    except RuntimeError as e:
+        warnings.warn(f"{what} not capturable as a CUDA graph, running eagerly ({str(e).splitlines()[0]})")
+        torch.cuda.synchronize()
+        return None
+    return graph, out
+
+
 class Decoder:
     """Owns the cache and the static buffers of one batch shape; reusable across prompts."""
 
@@ -136,7 +158,7 @@ class Decoder:
         # exists so tests can check the padded path against the plain one.
         self.bucket_prefill = self.use_graph if bucket_prefill is None else bucket_prefill
         self._static: dict[int, _StaticPrefill] = {}
-        self._bucket_uses: dict[int, int] = {}
+        self._seen_buckets: set[int] = set()
         self._prefill_pool = None
         # torch.compile fuses the many small ops of a step (routing, norms, the state update) into
         # few kernels; the CUDA graph then removes the launch cost of what is left.
@@ -170,25 +192,13 @@ class Decoder:
             warnings.warn(f"decode step not capturable as a CUDA graph, running eagerly ({reason})")
             self.use_graph = False
             return
-        # Warm up on a side stream (autotuning, lazy init), then record one step. The warm-up writes
-        # into the cache, so the cache is zeroed afterwards; the graph keeps pointing at its buffers.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self.logits = self._step()
-            self.graph = graph
-        except RuntimeError as e:
-            # A path with data-dependent shapes (e.g. the loop-over-experts reference, used for
-            # fp32 on CUDA) cannot be captured: decode eagerly instead.
-            warnings.warn(f"decode step not capturable as a CUDA graph, running eagerly ({str(e).splitlines()[0]})")
+        # The warm-up steps write into the cache, so it is zeroed afterwards; the graph keeps
+        # pointing at its buffers.
+        captured = _capture_graph(self._step, "decode step", warmup=3)
+        if captured is None:
             self.use_graph = False
-            torch.cuda.synchronize()
+        else:
+            self.graph, self.logits = captured
         self.cache.reset()
         self.kv_valid.zero_()
 
@@ -230,10 +240,10 @@ class Decoder:
         from .modeling.model import check_token_ids
 
         st = self._static.get(bucket)
-        if st is None and self.use_graph and self._bucket_uses.get(bucket, 0) == 0:
+        if st is None and self.use_graph and bucket not in self._seen_buckets:
             # A capture costs two warm-up prefills plus the capture itself: only worth it for a bucket
             # that comes back (more prompts, a reused Decoder). The first prompt prefills eagerly.
-            self._bucket_uses[bucket] = 1
+            self._seen_buckets.add(bucket)
             return None
         check_token_ids(input_ids, self.model.config.vocab_size)  # eagerly: the graph cannot raise
         if st is None:
@@ -277,22 +287,12 @@ class Decoder:
         reason = self._uncapturable(self.batch_size * st.ids.shape[1])
         if reason is not None:
             return False
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # autotuning and lazy initialisation happen outside the capture
-                self._run_static(st)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # One memory pool for every prompt length: prefills never overlap, and each graph's
-            # output stays referenced, so sharing only saves memory.
-            with torch.cuda.graph(graph, pool=self._prefill_pool):
-                st.logits = self._run_static(st)
-        except RuntimeError as e:
-            warnings.warn(f"prefill not capturable as a CUDA graph, running eagerly ({str(e).splitlines()[0]})")
-            torch.cuda.synchronize()
+        # One memory pool for every prompt length: prefills never overlap, and each graph's output
+        # stays referenced, so sharing only saves memory.
+        captured = _capture_graph(lambda: self._run_static(st), "prefill", warmup=2, pool=self._prefill_pool)
+        if captured is None:
             return False
+        graph, st.logits = captured
         if self._prefill_pool is None:
             self._prefill_pool = graph.pool()
         st.graph = graph
