@@ -90,7 +90,7 @@ class Experts(nn.Module):
         from ..ops import triton_experts
         from ..ops.experts import grouped_mm_supported
 
-        if device.type == "cuda" and slots <= triton_experts.MAX_SLOTS and triton_moe.have_triton():
+        if triton_experts.takes(device, slots):
             return True
         return grouped_mm_supported(torch.empty(0, dtype=dtype, device=device), self.up_proj, self.down_proj)
 

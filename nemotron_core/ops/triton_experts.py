@@ -177,16 +177,21 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, relu2: bool = False) -> to
     return _gemv(x2, weight.unsqueeze(0), None, row_div=1, relu2=relu2).view(*lead, weight.shape[0])
 
 
-def supported(x: torch.Tensor, idx: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
-    if not x.is_cuda or idx.numel() > MAX_SLOTS:
-        return False
-    if up.stride(-1) != 1 or down.stride(-1) != 1 or x.stride(-1) != 1:
+def takes(device: torch.device, slots: int) -> bool:
+    """Whether a forward over ``slots`` (token, expert) pairs on ``device`` goes to the GEMV."""
+    if device.type != "cuda" or slots > MAX_SLOTS:
         return False
     try:
         _kernel()
     except ImportError:
         return False
     return True
+
+
+def supported(x: torch.Tensor, idx: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+    if up.stride(-1) != 1 or down.stride(-1) != 1 or x.stride(-1) != 1:
+        return False
+    return takes(x.device, idx.numel())
 
 
 def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,
