@@ -19,10 +19,12 @@ step() {  # name, seconds, command...
   tail -4 "$out/$name.log"
 }
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/summary.txt"
-has tests && step tests 360 python3 -m pytest tests/gpu -q -p no:cacheprovider
+# Per-test durations, and a stack dump of any test still running after 150 s.
+has tests && step tests 360 python3 -m pytest tests/gpu -q -p no:cacheprovider --durations=15 -o faulthandler_timeout=150
 has gemv && step gemv 120 python3 benchmarks/gpu_gemv.py
 has attn && step attn 90 python3 benchmarks/gpu_attention.py
-has generate && step generate 240 python3 benchmarks/gpu_generate.py --profile --out "$out/generate.json"
+# TRITON_PRINT_AUTOTUNING: the expert-GEMV configs the autotuner picks, per shape (to prune the list).
+has generate && step generate 240 env TRITON_PRINT_AUTOTUNING=1 python3 benchmarks/gpu_generate.py --profile --out "$out/generate.json"
 has train && step train 300 python3 benchmarks/gpu_train.py --parts step --compile --profile --out "$out/train.json"
 has memory && step memory 200 python3 benchmarks/gpu_train.py --parts memory --out "$out/memory.json"
 has packed && step packed 200 python3 benchmarks/gpu_train.py --parts packed --skip-hf --out "$out/packed.json"

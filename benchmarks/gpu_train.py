@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import time
+import traceback
 
 import torch
 
@@ -47,6 +49,14 @@ def hf_model(config, dtype, device="cuda"):
 
     mamba_triton_ops()  # same Triton kernels for transformers (mamba-ssm wheel without CUDA extensions)
     from transformers import NemotronHConfig, NemotronHForCausalLM
+    from transformers.models.nemotron_h import modeling_nemotron_h as hf_nemotron
+
+    if importlib.util.find_spec("causal_conv1d") is None and hasattr(hf_nemotron, "mamba2_split_conv1d_scan_combined"):
+        # Training without a cache, transformers 5.17 calls mamba-ssm's fused conv+scan, which needs
+        # causal-conv1d's CUDA extension (absent here: "'NoneType' object is not callable"). Returning
+        # None is its own signal for "no kernel": the mixer then runs its unfused path (torch conv,
+        # mamba-ssm's Triton scan), the path it takes with a cache, as in the training-step part.
+        hf_nemotron.mamba2_split_conv1d_scan_combined = lambda *args, **kwargs: None
 
     data = {k: v for k, v in config.to_dict().items() if k not in ("hybrid_override_pattern", "mtp_hybrid_override_pattern")}
     torch.manual_seed(0)
@@ -121,7 +131,7 @@ def _step_variant(key: str, results: dict, make_model, config) -> None:
         model = make_model()
         results[key] = train_step_bench(model, config, 4096)
     except Exception as e:
-        results[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        results[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}", "where": traceback.format_exc()[-800:]}
     print(key, results[key], flush=True)
     del model
     free()
@@ -196,7 +206,7 @@ def _memory_hf(config, results) -> None:
         try:
             results[key] = lora_style_peak(model, config, 4096, gc_on, hf=True)
         except Exception as e:
-            results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            results[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}", "where": traceback.format_exc()[-800:]}
         print(key, results[key], flush=True)
         free()
     del model

@@ -181,6 +181,19 @@ def test_grouped_experts_equal_loop_experts():
     assert tiny.rel_err(ref, a) <= 1e-6
 
 
+@pytest.mark.parametrize("n_exp", [128, 300, 70000])
+def test_grouped_experts_sort_narrow_keys_in_the_same_order(n_exp: int):
+    """The grouped path sorts expert ids as uint8/int16/int32 (fewer radix passes): the stable order
+    must be the int64 ids' own."""
+    from nemotron_core.ops.experts import _sort_key
+
+    ids = torch.randint(0, n_exp, (4096,), generator=torch.Generator().manual_seed(n_exp))
+    ids[:3] = n_exp - 1  # the largest id fits too
+    key = _sort_key(ids, n_exp)
+    assert key.element_size() < ids.element_size()
+    assert torch.equal(key.argsort(stable=True), ids.argsort(stable=True))
+
+
 @torch.no_grad()
 def test_loop_backend_equals_grouped_backend():
     grouped = tiny.our_model(seed=4, pattern="E*E", backend=BackendConfig(experts="grouped"))

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..backend import BackendConfig, resolve_attn
 from ..ops.attention import eager_attention, sdpa_attention
-from .linear import Linear
+from .linear import Linear, add_linear
 
 
 class Attention(nn.Module):
@@ -24,7 +24,8 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, h, bias=bias)
 
-    def forward(self, x: torch.Tensor, meta, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta, cache=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output; with ``residual``, ``residual + output``."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -43,4 +44,4 @@ class Attention(nn.Module):
             out = eager_attention(q, k, v, meta.attn_mask, self.scale)
         else:
             out = sdpa_attention(q, k, v, meta.attn_mask, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return add_linear(residual, self.o_proj, out.transpose(1, 2).reshape(b, s, -1))

@@ -34,3 +34,22 @@ class Linear(nn.Linear):
         if self._gemv(x):
             return triton_experts.dense_gemv(x, self.weight, relu2=True)
         return relu2(F.linear(x, self.weight, self.bias))
+
+
+def add_linear(residual: torch.Tensor | None, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``residual + proj(x)`` (``proj(x)`` when ``residual`` is None).
+
+    For a plain ``Linear`` on CUDA with everything in one dtype this is one cuBLAS GEMM whose
+    epilogue adds the residual (``addmm``): it saves a separate add kernel per block, which reads
+    and writes the whole hidden state (1.5 ms of an 8,192-token prefill over 52 blocks), and rounds
+    once instead of twice. Anything else (an adapter wrapper, autocast, which would cast an fp32
+    residual stream to bf16, the Triton GEMV, the CPU) adds after the projection.
+    """
+    if residual is None:
+        return proj(x)
+    if (type(proj) is Linear and proj.bias is None and x.is_cuda and not torch.compiler.is_compiling()
+            and x.dtype == residual.dtype == proj.weight.dtype and not torch.is_autocast_enabled("cuda")
+            and not proj._gemv(x)):
+        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), proj.weight.t())
+        return out.view(residual.shape)
+    return residual + proj(x)

@@ -15,7 +15,8 @@ from ..ops import triton_conv
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.ssd import ssd_scan, ssd_step
 from ..ops.triton_conv import causal_conv1d_triton, causal_conv1d_update_triton
-from .linear import Linear
+from .derived import cached
+from .linear import Linear, add_linear
 from .norms import GatedRMSNorm
 
 
@@ -48,7 +49,8 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, config.layer_norm_epsilon)
         self.out_proj = Linear(self.d_inner, h, bias=config.use_bias)
 
-    def forward(self, hidden: torch.Tensor, meta, cache=None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, meta, cache=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output; with ``residual``, ``residual + output``."""
         b, s, _ = hidden.shape
         z, xbc, dt = self.in_proj(_zero_padding(hidden, meta.padding_mask)).split(
             [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
@@ -81,22 +83,21 @@ class Mamba2(nn.Module):
             # Under autocast the projection casts for itself; a cast to the (fp32) residual dtype
             # here would cost two full passes over y forward and two more backward.
             y = y.to(self.out_proj.weight.dtype)
-        return self.out_proj(y)
+        return add_linear(residual, self.out_proj, y)
 
     def _A(self) -> torch.Tensor:
         """``A = -exp(A_log)``; without autograd it is cached until ``A_log`` changes (two kernels
         per layer and token at decode time otherwise)."""
         if (torch.is_grad_enabled() and self.A_log.requires_grad) or torch.compiler.is_compiling():
             return -torch.exp(self.A_log.float())  # (compiled code fuses it anyway)
-        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device)
-        if getattr(self, "_A_cache_key", None) != key:
-            self._A_cache = -torch.exp(self.A_log.detach().float())
-            self._A_cache_key = key
-        return self._A_cache
+        return cached(self, "_A_cache", self.A_log, lambda a: -torch.exp(a.float()))
 
     def _triton_conv(self, x: torch.Tensor) -> bool:
         # Our own kernels (they need Triton, not mamba-ssm); backend mamba="torch" keeps the reference.
-        return self.backend.mamba != "torch" and x.is_cuda and triton_conv.supported(x, self.conv1d.weight)
+        # Under torch.compile the reference conv: Inductor would re-compile our kernel without the
+        # helpers it calls, and fuses the reference's element-wise work anyway.
+        return (self.backend.mamba != "torch" and x.is_cuda and not torch.compiler.is_compiling()
+                and triton_conv.supported(x, self.conv1d.weight))
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if resolve_mamba(self.backend, y.device.type) == "triton":

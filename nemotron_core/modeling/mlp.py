@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..ops.experts import relu2
-from .linear import Linear
+from .linear import Linear, add_linear
 
 
 class MLP(nn.Module):
@@ -14,8 +14,9 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, meta=None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta=None, cache=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output; with ``residual``, ``residual + output``."""
         up = self.up_proj
         # An adapter wrapper (LoRA) is not a Linear: it takes the plain path.
         h = up.relu2_forward(x) if isinstance(up, Linear) else relu2(up(x))
-        return self.down_proj(h)
+        return add_linear(residual, self.down_proj, h)

@@ -53,7 +53,8 @@ class Block(nn.Module):
         self.mixer = make_mixer(block_type, config, layer_idx, backend)
 
     def forward(self, x: torch.Tensor, meta: BatchMeta, cache=None) -> torch.Tensor:
-        return x + self.mixer(self.norm(x), meta, cache)
+        # The mixer adds x to its output projection (often inside that GEMM: see add_linear).
+        return self.mixer(self.norm(x), meta, cache, residual=x)
 
 
 @torch.no_grad()

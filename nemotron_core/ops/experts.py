@@ -78,7 +78,7 @@ def grouped_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, u
         return loop_experts(x, idx, weights, up, down, shared)
     ntok, topk = idx.shape
     flat = idx.reshape(-1)
-    order = flat.argsort(stable=True)
+    order = _sort_key(flat, up.shape[0]).argsort(stable=True)
     # scatter_add rather than bincount: bincount syncs with the host on CUDA (it sizes its output).
     counts = torch.zeros(up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0).to(torch.int32)
@@ -96,6 +96,16 @@ def grouped_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, u
     slots = y.index_select(0, inverse)
     out = (slots.view(ntok, topk, -1).float() * weights[..., None].float()).sum(1)
     return _finish(out, shared, x.dtype)
+
+
+def _sort_key(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Expert ids in the narrowest integer type that holds them: a radix sort makes one pass per key
+    byte, so int64 ids cost eight passes where one (uint8, up to 256 experts) gives the same stable
+    order."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if n_experts <= torch.iinfo(dtype).max + 1:
+            return ids.to(dtype)
+    return ids
 
 
 def _fused_combine(y: torch.Tensor, weights: torch.Tensor, shared: Optional[torch.Tensor]) -> bool:

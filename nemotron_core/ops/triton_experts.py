@@ -34,6 +34,10 @@ _CONFIGS = tuple((bn, bk, w, late, False) for late in (False, True) for bn, bk, 
 # saves nothing. The autotuner (keyed on the slot count too) decides.
 _GROUPED_TILES = ((32, 128, 4), (64, 128, 4), (32, 256, 8), (64, 256, 8))
 _CONFIGS += tuple((bn, bk, w, False, True) for bn, bk, w in _GROUPED_TILES)
+# Dense single-row projections (BackendConfig(linear="triton")): the plain tiles that keep most bytes
+# in flight.
+_DENSE_CONFIGS = tuple((bn, bk, w, False, False) for bn, bk, w in ((32, 256, 8), (64, 256, 8), (16, 512, 8),
+                                                                   (32, 128, 4)))
 # The interpreter (CPU tests) cannot time configs: it runs this one (tests switch it, then rebuild).
 INTERPRETER_CONFIG = 0
 
@@ -84,15 +88,6 @@ def _kernel():
             tl.store(out_ptr + member[:, None].to(tl.int64) * stride_om + offs_n[None, :],
                      acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
 
-    @triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "LATE_SUM": late, "GROUPED": grouped}, num_warps=w)
-                 for bn, bk, w, late, grouped in configs],
-        key=["N", "K", "S"],
-        cache_results=True,
-        # Each call takes tens of microseconds: 25 ms of timing per config is over a thousand calls,
-        # and keeps the first call's search short (22 configs per shape).
-        do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
-    )
     @triton.jit
     def expert_gemv(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S,
                     stride_xm, stride_we, stride_wn, stride_om,
@@ -135,14 +130,33 @@ def _kernel():
         tl.store(out_ptr + slot * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
     globals().update(tl=tl, _grouped_slots=_grouped_slots)  # the interpreter resolves names here
-    return expert_gemv, triton.cdiv
+
+    def tuned(choices):
+        return triton.autotune(
+            configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "LATE_SUM": late, "GROUPED": grouped}, num_warps=w)
+                     for bn, bk, w, late, grouped in choices],
+            key=["N", "K", "S"],
+            cache_results=True,
+            # Each call takes tens of microseconds: 25 ms of timing per config is over a thousand
+            # calls, and keeps the first call's search short.
+            do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
+        )(expert_gemv)
+
+    # Two tuners over one kernel: a dense projection (SINGLE) has no expert groups to try, and a
+    # model has many dense shapes, each searched once.
+    if interpreting():
+        experts = dense = tuned(configs)
+    else:
+        experts, dense = tuned(configs), tuned(_DENSE_CONFIGS)
+    return experts, dense, triton.cdiv
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_div: int, relu2: bool,
           tokens: int = 1) -> torch.Tensor:
     """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (relu2'd if asked); with
     ``experts=None``, ``w`` holds one matrix and row s is ``w[0] @ x[s]``."""
-    kernel, cdiv = _kernel()
+    experts_kernel, dense_kernel, cdiv = _kernel()
+    kernel = dense_kernel if experts is None else experts_kernel
     n, k = w.shape[1], w.shape[2]
     rows = experts.shape[0] if experts is not None else x.shape[0]
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)

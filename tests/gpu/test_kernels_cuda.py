@@ -158,6 +158,30 @@ def test_triton_gated_norm_matches_reference() -> None:
     assert rel(out, ref) < 1e-4
 
 
+def test_add_linear_adds_the_residual_in_the_gemm() -> None:
+    """``add_linear`` on CUDA: ``residual + x W^T`` as one addmm, rounded once: at least as close to
+    the exact (fp32) result as the two-rounding ``residual + F.linear``; adapters, autocast and an
+    fp32 residual under autocast take the plain path."""
+    from nemotron_core.modeling.linear import Linear, add_linear
+
+    torch.manual_seed(0)
+    proj = Linear(1024, 2688, bias=False).cuda().bfloat16()
+    x = torch.randn(4096, 1024, device="cuda").bfloat16()
+    residual = torch.randn(4096, 2688, device="cuda").bfloat16() * 4
+    exact = residual.float() + x.float() @ proj.weight.float().t()
+    two_roundings = residual + torch.nn.functional.linear(x, proj.weight)
+    fused = add_linear(residual, proj, x)
+    assert fused.shape == residual.shape and fused.dtype == torch.bfloat16
+    assert (fused.float() - exact).abs().max() <= (two_roundings.float() - exact).abs().max()
+    assert rel(fused, exact) < 1e-2
+    wrapper = torch.nn.Sequential(proj)  # not a Linear (as a LoRA wrapper is not): residual + proj(x)
+    assert torch.equal(add_linear(residual, wrapper, x), residual + proj(x))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fp32_residual = residual.float()
+        out = add_linear(fp32_residual, proj.float(), x)
+    assert out.dtype == torch.float32  # the fp32 residual stream was not cast to bf16
+
+
 def test_rms_norm_without_casts_matches_fp32_reference() -> None:
     """bf16 in, bf16 weight: CUDA's fused kernel accumulates in fp32 and rounds once, like the
     spelled-out fp32 reference; at most one bf16 ulp apart (reduction order)."""
