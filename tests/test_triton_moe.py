@@ -79,30 +79,6 @@ def test_route_ties_take_the_lower_id_and_ids_stay_valid() -> None:
     assert torch.allclose(w[0], torch.full((3,), 1 / 3, device=DEVICE))
 
 
-def test_bf16x3_split_is_exact_and_parts_route_like_logits() -> None:
-    """The router's bf16 path (ops.bf16x3): the three bf16 parts sum exactly to the fp32 weight, and
-    ``route_triton`` over the partial products side by side routes as over their sum."""
-    from nemotron_core.ops import bf16x3
-
-    g = torch.Generator().manual_seed(3)
-    w = torch.randn(8, 32, generator=g) * 0.3
-    w[0, :4] = torch.tensor([1e-30, -3e-8, 1.0 + 2**-23, 65504.0])  # tiny, odd and large values too
-    parts = bf16x3.split(w)
-    assert parts.dtype == torch.bfloat16 and parts.shape == (24, 32)
-    hi, mid, lo = parts.float().view(3, 8, 32)
-    assert torch.equal((hi + mid) + lo, w)
-    x = torch.randn(13, 32, generator=g).bfloat16()
-    partial = x.float() @ parts.float().t()  # each product is exact in fp32, as on the GPU
-    logits = bf16x3.combine(partial)
-    assert tiny.rel_err(x.float() @ w.t(), logits) <= TOL
-    bias = torch.randn(8, generator=g) * 0.05
-    want = triton_moe.route_triton(logits.to(DEVICE), bias.to(DEVICE), 3, 2.5, True)
-    got = triton_moe.route_triton(partial.to(DEVICE), bias.to(DEVICE), 3, 2.5, True, parts=3)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    with pytest.raises(ValueError, match="logits must be"):
-        triton_moe.route_triton(partial[:, :23].to(DEVICE), bias.to(DEVICE), 3, 2.5, True, parts=3)
-
-
 # ---- combine ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_shared", [False, True])
 @pytest.mark.parametrize("implicit_pos", [False, True])

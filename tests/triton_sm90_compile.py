@@ -67,10 +67,8 @@ def main() -> int:
     route, combine, _ = triton_moe._kernels()
     sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "idx_ptr": "*i64", "w_ptr": "*fp32", **ints("N E stride_l"),
            "scaling": "fp32"}
-    for parts in (1, 3):
-        results.append(compile_one(f"moe_route parts={parts}", route, sig,
-                                   {"TOPK": 6, "NORM": True, "PRECISE": True, "PARTS": parts, "BLOCK_T": 8,
-                                    "BLOCK_E": 128, "BLOCK_K": 8}))
+    results.append(compile_one("moe_route", route, sig, {"TOPK": 6, "NORM": True, "PRECISE": True, "BLOCK_T": 8,
+                                                         "BLOCK_E": 128, "BLOCK_K": 8}))
     sig = {**ptrs("y_ptr shared_ptr out_ptr", "bf16"), "pos_ptr": "*i64", "w_ptr": "*fp32", **ints("N H"),
            **ints("stride_y stride_pt stride_pk stride_wt stride_wk stride_s stride_o")}
     for implicit, shared in ((True, True), (False, False)):

@@ -15,7 +15,6 @@ from ..ops import triton_conv
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.ssd import ssd_scan, ssd_step
 from ..ops.triton_conv import causal_conv1d_triton, causal_conv1d_update_triton
-from .derived import cached
 from .linear import Linear, add_linear
 from .norms import GatedRMSNorm
 
@@ -90,7 +89,11 @@ class Mamba2(nn.Module):
         per layer and token at decode time otherwise)."""
         if (torch.is_grad_enabled() and self.A_log.requires_grad) or torch.compiler.is_compiling():
             return -torch.exp(self.A_log.float())  # (compiled code fuses it anyway)
-        return cached(self, "_A_cache", self.A_log, lambda a: -torch.exp(a.float()))
+        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device)
+        if getattr(self, "_A_cache_key", None) != key:
+            self._A_cache = -torch.exp(self.A_log.detach().float())
+            self._A_cache_key = key
+        return self._A_cache
 
     def _triton_conv(self, x: torch.Tensor) -> bool:
         # Our own kernels (they need Triton, not mamba-ssm); backend mamba="torch" keeps the reference.

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import bf16x3, triton_moe
+from ..ops import triton_moe
 from ..ops.experts import grouped_experts, loop_experts
-from .derived import cached
 from .linear import Linear
 from .mlp import MLP
 
@@ -29,19 +28,12 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[N, H]`` -> (expert ids ``[N, k]``, fp32 weights ``[N, k]``)."""
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if self.n_group == 1 and not needs_grad and not torch.compiler.is_compiling() and x.is_cuda \
-                and triton_moe.usable(x):
-            # One kernel for everything below (it has no backward, hence inference only); for bf16
-            # activations the fp32 GEMM runs on tensor cores as exact bf16 parts (ops.bf16x3).
-            bias = self.e_score_correction_bias.float()
-            if bf16x3.usable(x):
-                parts = cached(self, "_bf16_parts", self.weight, bf16x3.split)
-                return triton_moe.route_triton(bf16x3.partial_products(x, parts), bias, self.top_k, self.scaling,
-                                               self.norm_topk_prob, parts=bf16x3.PARTS)
-            logits = F.linear(x.float(), self.weight.float())
-            return triton_moe.route_triton(logits, bias, self.top_k, self.scaling, self.norm_topk_prob)
         logits = F.linear(x.float(), self.weight.float())
+        if (self.n_group == 1 and logits.is_cuda and not (torch.is_grad_enabled() and logits.requires_grad)
+                and triton_moe.usable(logits)):
+            # One kernel for everything below (it has no backward, hence inference only).
+            return triton_moe.route_triton(logits, self.e_score_correction_bias.float(), self.top_k, self.scaling,
+                                           self.norm_topk_prob)
         scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1:

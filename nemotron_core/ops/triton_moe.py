@@ -87,18 +87,15 @@ def _kernels():
 
     @triton.jit
     def moe_route(logits_ptr, bias_ptr, idx_ptr, w_ptr, N, E, stride_l, scaling,
-                  TOPK: tl.constexpr, NORM: tl.constexpr, PRECISE: tl.constexpr, PARTS: tl.constexpr,
+                  TOPK: tl.constexpr, NORM: tl.constexpr, PRECISE: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         offs_e = tl.arange(0, BLOCK_E)
         offs_k = tl.arange(0, BLOCK_K)
         mask_t = offs_t < N
         valid_e = offs_e < E
-        # The logits may come as PARTS partial sums side by side (see ops.bf16x3), added in order.
-        logit = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-        for p in tl.static_range(PARTS):
-            logit += tl.load(logits_ptr + offs_t[:, None] * stride_l + p * E + offs_e[None, :],
-                             mask=mask_t[:, None] & valid_e[None, :], other=0.0).to(tl.float32)
+        logit = tl.load(logits_ptr + offs_t[:, None] * stride_l + offs_e[None, :],
+                        mask=mask_t[:, None] & valid_e[None, :], other=0.0).to(tl.float32)
         # torch computes sigmoid as 1 / (1 + expf(-x)) with an IEEE exp and divide; doing the same
         # (rather than tl.sigmoid's approximate ex2 and division) keeps the chosen experts identical
         # to the torch router's whenever two scores are within a few ulps. The interpreter has no
@@ -167,18 +164,17 @@ def _kernels():
 
 
 def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: float,
-                 norm_topk_prob: bool, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``n_group == 1`` router from its logits ``[N, E]`` (``x @ W^T``, pre-sigmoid), or from
-    ``parts`` partial logits side by side, ``[N, parts * E]``, whose sum (in order) is the logits.
+                 norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n_group == 1`` router from its logits ``[N, E]`` (``x @ W^T``, pre-sigmoid).
 
     Returns expert ids (int64 ``[N, k]``, in descending order of ``sigmoid(logit) + bias``, the lower
     id first on ties) and their fp32 weights ``[N, k]``: ``sigmoid(logit)`` at those ids, normalised
     to sum 1 (``/ (sum + 1e-20)``) when ``norm_topk_prob``, times ``scaling``. The math of
     ``nemotron_core.modeling.moe.Router.forward``, in one launch.
     """
-    if logits.dim() != 2 or parts < 1 or logits.shape[1] % parts:
-        raise ValueError(f"logits must be [N, {parts} * E], got {tuple(logits.shape)}")
-    n, n_exp = logits.shape[0], logits.shape[1] // parts
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, E], got {tuple(logits.shape)}")
+    n, n_exp = logits.shape
     if bias.shape != (n_exp,):
         raise ValueError(f"bias must be [{n_exp}], got {tuple(bias.shape)}")
     if not 1 <= top_k <= min(n_exp, MAX_TOP_K) or n_exp > MAX_EXPERTS:
@@ -196,7 +192,7 @@ def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: 
     block_t = min(_next_pow2(n), max(1, 1024 // block_e))
     route[(cdiv(n, block_t),)](
         logits, bias.contiguous(), idx, weights, n, n_exp, logits.stride(0), float(scaling),
-        TOPK=top_k, NORM=bool(norm_topk_prob), PRECISE=not interpreting(), PARTS=parts,
+        TOPK=top_k, NORM=bool(norm_topk_prob), PRECISE=not interpreting(),
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k), num_warps=4)
     return idx, weights
 

@@ -79,35 +79,6 @@ def test_route_matches_router(n: int, norm: bool) -> None:
     assert rel(w, want_w) < 1e-6
 
 
-@pytest.mark.parametrize("n", [1, 8, 512])
-def test_router_inference_path_matches_torch_router(n: int) -> None:
-    """Without autograd the router runs its fp32 GEMM as exact bf16 parts on tensor cores and routes
-    in one kernel (ops.bf16x3, route_triton): the torch router's experts, weights to fp32 rounding."""
-    _need_triton()
-    from nemotron_core.modeling.moe import Router
-    from nemotron_core.ops import bf16x3
-
-    torch.manual_seed(100 + n)
-    router = Router(HIDDEN, N_EXP, TOP_K, n_group=1, topk_group=1, norm_topk_prob=True, scaling=2.5).cuda()
-    router.reset_parameters(std=0.02)
-    router.e_score_correction_bias.normal_(0, 0.05)
-    x = torch.randn(n, HIDDEN, device="cuda").bfloat16()
-    want_idx, want_w = router(x.clone().requires_grad_(True))  # autograd on: the torch router
-    with torch.no_grad():
-        idx, w = router(x)
-        logits = bf16x3.combine(bf16x3.partial_products(x, bf16x3.split(router.weight)))
-    # As accurate as cuBLAS's own fp32 GEMM (both sum 2,688 products in fp32, in different orders):
-    # within twice its error against fp64, or 2e-6 of the largest logit.
-    exact = F.linear(x.double(), router.weight.detach().double())
-    fp32_err = rel(F.linear(x.float(), router.weight.detach()), exact)
-    assert rel(logits, exact) <= max(2 * fp32_err, 2e-6)
-    want_idx, want_w = _by_id(want_idx, want_w.detach())
-    idx, w = _by_id(idx, w)
-    assert torch.equal(idx, want_idx)
-    # Logits a few 1e-6 apart move the normalised sigmoid weights by up to about as much.
-    assert rel(w, want_w) < 1e-5
-
-
 # ---- combine ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_shared", [False, True])
 @pytest.mark.parametrize("n", [1, 8, 512])
