@@ -114,13 +114,11 @@ def test_combine_int32_pos_with_repeats_and_out_dtype() -> None:
 
 
 # ---- experts ----------------------------------------------------------------------------------------------
-@pytest.fixture(params=["sum_per_step", "late_sum", "grouped"])
+@pytest.fixture(params=["per_slot", "grouped"])
 def gemv_variant(request, monkeypatch):
     """The GEMV variants the autotuner chooses between (the interpreter runs one config)."""
     configs = triton_experts._CONFIGS
-    index = {"sum_per_step": 0, "late_sum": len(triton_experts._TILES),
-             "grouped": next(i for i, c in enumerate(configs) if c[4])}[request.param]
-    assert configs[index][3] == (request.param == "late_sum") and configs[index][4] == (request.param == "grouped")
+    index = next(i for i, c in enumerate(configs) if c[3] == (request.param == "grouped"))
     monkeypatch.setattr(triton_experts, "INTERPRETER_CONFIG", index)
     triton_experts._kernel.cache_clear()
     yield

@@ -81,16 +81,16 @@ def main() -> int:
     # each kind (each compile costs about half a second).
     kinds = {}
     for config in triton_experts._CONFIGS:
-        kinds.setdefault(config[3:], config)
+        kinds.setdefault(config[3], config)
     for dt, single in (("bf16", False), ("bf16", True), ("fp32", False), ("fp32", True)):
         sig = {**ptrs("x_ptr w_ptr out_ptr", dt), "expert_ptr": "*i64", "N": "i32", "K": "i32", "S": "i32",
                **ints("stride_xm stride_we stride_wn stride_om")}
         configs = triton_experts._CONFIGS if (dt, single) == ("bf16", False) else kinds.values()
-        for bn, bk, warps, late, grouped in configs:
+        for bn, bk, warps, grouped in configs:
             consts = {"K": 2688, "BLOCK_N": bn, "BLOCK_K": bk, "ROW_DIV": 1 if single else 6, "RELU2": not single,
-                      "SINGLE": single, "LATE_SUM": late, "GROUPED": grouped, "S_P2": 64, "MG": 16,
+                      "SINGLE": single, "GROUPED": grouped, "S_P2": 64, "MG": 16,
                       "IEEE": dt == "fp32"}
-            results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} late={late} grouped={grouped} "
+            results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} "
                                        f"single={single}", gemv, sig, consts, warps))
 
     fwd, bwd, _ = triton_act._kernels()

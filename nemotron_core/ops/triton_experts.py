@@ -21,23 +21,22 @@ from .triton_moe import combine_triton
 MAX_SLOTS = 64
 
 
-# (BLOCK_N, BLOCK_K, warps, LATE_SUM). The 8-warp tiles keep more bytes in flight per SM: at 22.9 us
-# per call (2.6 TB/s) the 4-warp ones leave bandwidth unused on an H200. LATE_SUM accumulates
-# elementwise and reduces across K once at the end, instead of a cross-thread reduction per K step.
-# The autotuner keeps the fastest (and caches its choice on disk, so a later process skips the search).
-_TILES = ((16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (8, 512, 4),
-          (32, 256, 8), (64, 256, 8), (16, 512, 8), (128, 128, 8))
-_CONFIGS = tuple((bn, bk, w, late, False) for late in (False, True) for bn, bk, w in _TILES)
+# Configs (BLOCK_N, BLOCK_K, warps, GROUPED) the autotuner chooses from, per (N, K, slots); it caches
+# its choice on disk, so a later process skips the search (about 1 s per shape for six configs).
 # GROUPED: one program per (expert, N block) serves every slot routed to that expert, reading its
-# weights once (tensor-core dot over the member rows) instead of once per slot. With several tokens
-# per step (batch 8: ~48 slots on ~41 distinct experts) that is less weight traffic; at batch 1 it
-# saves nothing. The autotuner (keyed on the slot count too) decides.
+# weights once (tensor-core dot over the member rows) instead of once per slot: less weight traffic
+# with several tokens per step (batch 8: ~48 slots on ~41 distinct experts). On the H200 it also won
+# at batch 1 (6 slots): (32, 128, 4) for both projections there, (64, 256, 8) and (64, 128, 4) for
+# the up and down projections at batch 8 (BENCHMARKS.md). Plain per-slot tiles remain for fp32 and
+# other shapes; 8 warps keep more bytes in flight per SM than 4. Thirteen other plain tiles, and a
+# variant that reduced across K once at the end, never won on the H200 and were dropped.
+_PLAIN_TILES = ((32, 256, 8), (16, 512, 8))
 _GROUPED_TILES = ((32, 128, 4), (64, 128, 4), (32, 256, 8), (64, 256, 8))
-_CONFIGS += tuple((bn, bk, w, False, True) for bn, bk, w in _GROUPED_TILES)
-# Dense single-row projections (BackendConfig(linear="triton")): the plain tiles that keep most bytes
-# in flight.
-_DENSE_CONFIGS = tuple((bn, bk, w, False, False) for bn, bk, w in ((32, 256, 8), (64, 256, 8), (16, 512, 8),
-                                                                   (32, 128, 4)))
+_CONFIGS = (tuple((bn, bk, w, False) for bn, bk, w in _PLAIN_TILES)
+            + tuple((bn, bk, w, True) for bn, bk, w in _GROUPED_TILES))
+# Dense single-row projections (BackendConfig(linear="triton")): (16, 512, 8) won every dense decode
+# shape of the Nano model on the H200.
+_DENSE_CONFIGS = tuple((bn, bk, w, False) for bn, bk, w in _PLAIN_TILES)
 # The interpreter (CPU tests) cannot time configs: it runs this one (tests switch it, then rebuild).
 INTERPRETER_CONFIG = 0
 
@@ -92,7 +91,7 @@ def _kernel():
     def expert_gemv(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S,
                     stride_xm, stride_we, stride_wn, stride_om,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, RELU2: tl.constexpr,
-                    SINGLE: tl.constexpr, LATE_SUM: tl.constexpr, GROUPED: tl.constexpr,
+                    SINGLE: tl.constexpr, GROUPED: tl.constexpr,
                     S_P2: tl.constexpr, MG: tl.constexpr, IEEE: tl.constexpr):
         # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
         # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
@@ -112,18 +111,12 @@ def _kernel():
             return
         row = (slot // ROW_DIV).to(tl.int64)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :],
                         mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-            if LATE_SUM:
-                acc2 += w * x[None, :]
-            else:
-                acc += tl.sum(w * x[None, :], axis=1)
-        if LATE_SUM:
-            acc = tl.sum(acc2, axis=1)
+            acc += tl.sum(w * x[None, :], axis=1)
         if RELU2:
             acc = tl.maximum(acc, 0.0)
             acc = acc * acc
@@ -133,8 +126,8 @@ def _kernel():
 
     def tuned(choices):
         return triton.autotune(
-            configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "LATE_SUM": late, "GROUPED": grouped}, num_warps=w)
-                     for bn, bk, w, late, grouped in choices],
+            configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUPED": grouped}, num_warps=w)
+                     for bn, bk, w, grouped in choices],
             key=["N", "K", "S"],
             cache_results=True,
             # Each call takes tens of microseconds: 25 ms of timing per config is over a thousand
