@@ -6,10 +6,25 @@
 # parts (default all, comma-separated): tests, gemv, attn, generate, train, memory, packed.
 # Each part has its own time limit, so one that hangs cannot starve the rest; logs and JSON results
 # land in OUTDIR. Run from the project root with mamba-ssm importable (see BENCHMARKS.md's set-up).
+#
+# A fresh GPU machine spends minutes compiling Triton kernels (ours and mamba-ssm's, per shape and
+# autotune config). Triton's cache therefore lives in ./.triton-cache (git-ignored; carry it to the
+# device), and the run leaves the updated cache in OUTDIR/triton-cache.tgz for the next session:
+#   mkdir -p .triton-cache && tar xzf FILES_AT/triton-cache.tgz -C .triton-cache
+# GPU_TESTS selects test paths for the tests part (default tests/gpu), e.g. to split it in two calls.
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUTDIR [parts]}
 parts=${2:-tests,gemv,attn,generate,train,memory,packed}
 mkdir -p "$out"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
+mkdir -p "$TRITON_CACHE_DIR"
+save_cache() {  # the device returns files of limited size: skip a cache grown past 48 MiB
+  tar czf "$out/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
+  if [ "$(stat -c %s "$out/triton-cache.tgz" 2>/dev/null || echo 0)" -gt $((48 << 20)) ]; then
+    rm -f "$out/triton-cache.tgz"; echo "triton cache too large to return" | tee -a "$out/summary.txt"
+  fi
+}
+trap save_cache EXIT
 has() { [[ ",$parts," == *",$1,"* ]]; }
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -20,7 +35,7 @@ step() {  # name, seconds, command...
 }
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/summary.txt"
 # Per-test durations, and a stack dump of any test still running after 150 s.
-has tests && step tests 360 python3 -m pytest tests/gpu -q -p no:cacheprovider --durations=15 -o faulthandler_timeout=150
+has tests && step tests 360 python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider --durations=15 -o faulthandler_timeout=150
 has gemv && step gemv 120 python3 benchmarks/gpu_gemv.py
 has attn && step attn 90 python3 benchmarks/gpu_attention.py
 # TRITON_PRINT_AUTOTUNING: the expert-GEMV configs the autotuner picks, per shape (to prune the list).
