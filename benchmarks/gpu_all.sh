@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_all.sh OUTDIR [parts]
 #
-# parts (default all, comma-separated): tests, gemv, attn, generate, train, memory, packed.
+# parts (default all, comma-separated): tests, gemv, attn, router, generate, train, memory, packed.
 # Each part has its own time limit, so one that hangs cannot starve the rest; logs and JSON results
 # land in OUTDIR. Run from the project root with mamba-ssm importable (see BENCHMARKS.md's set-up).
 #
@@ -14,7 +14,7 @@
 # GPU_TESTS selects test paths for the tests part (default tests/gpu), e.g. to split it in two calls.
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUTDIR [parts]}
-parts=${2:-tests,gemv,attn,generate,train,memory,packed}
+parts=${2:-tests,gemv,attn,router,generate,train,memory,packed}
 mkdir -p "$out"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 mkdir -p "$TRITON_CACHE_DIR"
@@ -38,6 +38,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/su
 has tests && step tests 360 python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider --durations=15 -o faulthandler_timeout=150
 has gemv && step gemv 120 python3 benchmarks/gpu_gemv.py
 has attn && step attn 90 python3 benchmarks/gpu_attention.py
+has router && step router 60 python3 benchmarks/gpu_router_precision.py --out "$out/router.json"
 # TRITON_PRINT_AUTOTUNING: the expert-GEMV configs the autotuner picks, per shape (to prune the list).
 has generate && step generate 240 env TRITON_PRINT_AUTOTUNING=1 python3 benchmarks/gpu_generate.py --profile --out "$out/generate.json"
 has train && step train 300 python3 benchmarks/gpu_train.py --parts step --compile --profile --out "$out/train.json"
