@@ -3,7 +3,8 @@
 With ``BackendConfig(linear="triton")`` a single-row projection (a batch-1 decode step) without autograd
 runs as one Triton GEMV (``ops.triton_experts.dense_gemv``) instead of cuBLAS's split-K GEMM and its
 reduction kernel; everything else is ``F.linear``. ``relu2_forward`` also folds the MLP activation
-into that GEMV. The model hands every ``Linear`` its (shared) backend object after construction.
+into that GEMV, and ``add_forward`` adds a block's residual inside the GEMM. The model hands every
+``Linear`` its (shared) backend object after construction.
 """
 from __future__ import annotations
 
@@ -35,22 +36,30 @@ class Linear(nn.Linear):
             return triton_experts.dense_gemv(x, self.weight, relu2=True)
         return relu2(F.linear(x, self.weight, self.bias))
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``.
+
+        On CUDA with everything in one dtype this is cuBLAS's ``addmm``: torch copies the residual
+        into the output, and the GEMM's epilogue adds its product to it (rounding once instead of
+        twice). Against a separate add kernel that reads two hidden-state tensors and writes one, the
+        copy reads one and writes one: at an 8,192-token prefill the 52 adds took 1.5 ms of GPU time,
+        the copies 0.5 ms. Under autocast (which would cast an fp32 residual stream to bf16), on the
+        Triton GEMV path and on the CPU the residual is added after the projection.
+        """
+        if self._gemv(x):
+            return residual + triton_experts.dense_gemv(x, self.weight)
+        if (self.bias is None and x.is_cuda and not torch.compiler.is_compiling()
+                and x.dtype == residual.dtype == self.weight.dtype and not torch.is_autocast_enabled("cuda")):
+            out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), self.weight.t())
+            return out.view(residual.shape)
+        return residual + F.linear(x, self.weight, self.bias)
+
 
 def add_linear(residual: torch.Tensor | None, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``residual + proj(x)`` (``proj(x)`` when ``residual`` is None).
-
-    For a plain ``Linear`` on CUDA with everything in one dtype this is cuBLAS's ``addmm``: torch
-    copies the residual into the output, and the GEMM's epilogue adds its product to it (rounding
-    once instead of twice). Against a separate add kernel that reads two hidden-state tensors and
-    writes one, the copy reads one and writes one: at an 8,192-token prefill the 52 adds took 1.5 ms
-    of GPU time, the copies 0.5 ms. Anything else (an adapter wrapper, autocast, which would cast an
-    fp32 residual stream to bf16, the Triton GEMV, the CPU) adds after the projection.
-    """
+    """``residual + proj(x)`` (``proj(x)`` when ``residual`` is None); a ``Linear`` adds in its GEMM
+    where it can (``Linear.add_forward``), an adapter wrapper (LoRA) after its projection."""
     if residual is None:
         return proj(x)
-    if (type(proj) is Linear and proj.bias is None and x.is_cuda and not torch.compiler.is_compiling()
-            and x.dtype == residual.dtype == proj.weight.dtype and not torch.is_autocast_enabled("cuda")
-            and not proj._gemv(x)):
-        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), proj.weight.t())
-        return out.view(residual.shape)
+    if isinstance(proj, Linear):
+        return proj.add_forward(x, residual)
     return residual + proj(x)
