@@ -173,8 +173,13 @@ class Decoder:
     @torch.no_grad()
     def _step_impl(self) -> torch.Tensor:
         self.kv_valid.index_fill_(1, self.pos, True)
+        return self._last_logits(self.tokens, self._meta())
+
+    def _last_logits(self, ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        """The blocks over ``ids`` into the cache, without validation or host syncs (capturable):
+        fp32 logits of the last position."""
         m = self.model
-        hidden = m.model.run_layers(m.model.embed_tokens(self.tokens), self._meta(), self.cache)
+        hidden = m.model.run_layers(m.model.embed_tokens(ids), meta, self.cache)
         return m.lm_head(hidden[:, -1]).float()
 
     def _uncapturable(self, tokens: int) -> str | None:
@@ -279,9 +284,7 @@ class Decoder:
         """The prefill forward on the static buffers: no validation, no host sync (capturable)."""
         meta = BatchMeta(batch_size=self.batch_size, seq_len=st.ids.shape[1], padding_mask=st.pad,
                          kv_padding_mask=st.pad, _attn_mask=st.attn, _attn_mask_built=True)
-        m = self.model
-        hidden = m.model.run_layers(m.model.embed_tokens(st.ids), meta, self.cache)
-        return m.lm_head(hidden[:, -1]).float()
+        return self._last_logits(st.ids, meta)
 
     def _capture_prefill(self, st: _StaticPrefill) -> bool:
         reason = self._uncapturable(self.batch_size * st.ids.shape[1])
