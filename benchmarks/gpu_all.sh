@@ -36,7 +36,7 @@ step() {  # name, seconds, command...
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/summary.txt"
 # Per-test durations, and a stack dump of any test still running after 150 s.
 has tests && step tests 360 python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider --durations=15 -o faulthandler_timeout=150
-has gemv && step gemv 120 python3 benchmarks/gpu_gemv.py
+has gemv && step gemv 150 env TRITON_PRINT_AUTOTUNING=1 python3 benchmarks/gpu_gemv.py --out "$out/gemv.json"
 has attn && step attn 90 python3 benchmarks/gpu_attention.py
 has router && step router 60 python3 benchmarks/gpu_router_precision.py --out "$out/router.json"
 # TRITON_PRINT_AUTOTUNING: the expert-GEMV configs the autotuner picks, per shape (to prune the list).

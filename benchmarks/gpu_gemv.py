@@ -1,38 +1,38 @@
-"""Decode-time matrix-vector products on one GPU: cuBLAS (F.linear) against a Triton GEMV.
+"""Decode-time projections on one GPU: cuBLAS against our Triton GEMV kernels, same run, same inputs.
 
-At batch 1 every projection is a GEMV bound by reading the weight once; this measures how close
-each implementation gets to the memory bandwidth for the Nano-30B-A3B shapes, per config, timed as
-100 replays of a CUDA graph (no launch overhead), and the routed-expert GEMV of
-``nemotron_core.ops.triton_experts`` (6 experts of 128). It decides whether a Triton GEMV should
-replace cuBLAS for small-M projections.
+At decode every projection is bound by reading its weights once. For the Nano-30B-A3B shapes this
+times, as 100 replays of a CUDA graph (no launch overhead, as in the decode graph):
 
-    python benchmarks/gpu_gemv.py
+* each dense projection at 1 and 8 rows: ``F.linear`` (cuBLAS, often a split-K GEMM plus a
+  reduction kernel) against ``triton_experts.dense_gemv`` (autotuned; ``TRITON_PRINT_AUTOTUNING=1``
+  shows its pick), and the residual-adding form: ``addmm`` (a copy plus the GEMM) against the GEMV
+  with the residual in its epilogue;
+* the MoE block's experts at batch 1 and 8: the routed-expert GEMV plus the shared expert on cuBLAS
+  (up GEMM, relu2, down ``addmm`` with the residual), against one ``gemv_experts`` call that runs the
+  shared expert as two more experts and adds the residual in its combine.
+
+It decides which path the model should take for small-M projections.
+
+    python benchmarks/gpu_gemv.py [--out results.json]
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
 
+from nemotron_core.ops import triton_experts
 
-@triton.jit
-def gemv(x_ptr, w_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :],
-                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        acc += tl.sum(w * x[None, :], axis=1)
-    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+DENSE = {"mamba in_proj": (10304, 2688), "mamba out_proj": (2688, 4096), "shared up": (3712, 2688),
+         "shared down": (2688, 3712), "q_proj": (4096, 2688), "k_proj": (256, 2688), "o_proj": (2688, 4096),
+         "lm_head": (131072, 2688)}
 
 
 def graph_time_us(fn, reps: int = 100) -> float:
+    """Mean time of ``fn`` replayed ``reps`` times in one CUDA graph (after an eager warm-up that
+    compiles and autotunes outside the capture)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -54,49 +54,74 @@ def graph_time_us(fn, reps: int = 100) -> float:
     return start.elapsed_time(end) * 1e3 / (5 * reps)
 
 
-def main() -> None:
-    shapes = {"mamba in_proj": (10304, 2688), "mamba out_proj": (2688, 4096), "shared up": (3712, 2688),
-              "shared down": (2688, 3712), "q_proj": (4096, 2688), "k_proj": (256, 2688), "lm_head": (131072, 2688)}
-    configs = [(bn, bk, w, st) for bn, bk in ((8, 512), (16, 256), (16, 512), (32, 256), (64, 128), (32, 512), (4, 1024))
-               for w in (4, 8) for st in (2, 4)]
-    results = {}
-    for name, (n, k) in shapes.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def dense(results: dict) -> None:
+    for name, (n, k) in DENSE.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         gb = n * k * 2 / 1e9
-        ref = torch.nn.functional.linear(x, w)
-        cublas = graph_time_us(lambda: torch.nn.functional.linear(x, w))
-        best = (float("inf"), None)
-        for bn, bk, nw, st in configs:
-            fn = lambda: gemv[(triton.cdiv(n, bn),)](x, w, out, n, k, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)  # noqa: E731
-            try:
-                fn()
-                torch.cuda.synchronize()
-                assert (out.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
-                t = graph_time_us(fn)
-            except Exception as e:  # a config that does not compile
-                print(name, (bn, bk, nw, st), type(e).__name__, file=sys.stderr)
-                continue
-            if t < best[0]:
-                best = (t, (bn, bk, nw, st))
-        results[name] = {"cublas_us": cublas, "cublas_TBs": gb / cublas * 1e3,
-                         "triton_us": best[0], "triton_TBs": gb / best[0] * 1e3, "triton_config": best[1]}
-        print(f"{name:16s} N={n:6d} K={k}: cuBLAS {cublas:7.1f} us ({gb / cublas * 1e3:.2f} TB/s)  "
-              f"Triton {best[0]:7.1f} us ({gb / best[0] * 1e3:.2f} TB/s) {best[1]}", flush=True)
+        for m in (1, 8):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            r = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            err = max(rel(triton_experts.dense_gemv(x, w), F.linear(x, w)),
+                      rel(triton_experts.dense_gemv(x, w, residual=r), torch.addmm(r, x, w.t())))
+            row = {"cublas_us": graph_time_us(lambda: F.linear(x, w)),
+                   "ours_us": graph_time_us(lambda: triton_experts.dense_gemv(x, w)),
+                   "cublas_addmm_us": graph_time_us(lambda: torch.addmm(r, x, w.t())),
+                   "ours_residual_us": graph_time_us(lambda: triton_experts.dense_gemv(x, w, residual=r)),
+                   "max_rel_err": err}
+            row.update({key.replace("_us", "_TBs"): gb / v * 1e3 for key, v in list(row.items()) if key.endswith("_us")})
+            results[f"{name} N={n} K={k} M={m}"] = row
+            print(f"{name:15s} N={n:6d} K={k} M={m}: cuBLAS {row['cublas_us']:6.1f} us ({row['cublas_TBs']:.2f} TB/s) "
+                  f"ours {row['ours_us']:6.1f} us ({row['ours_TBs']:.2f}) | +residual: addmm "
+                  f"{row['cublas_addmm_us']:6.1f} ours {row['ours_residual_us']:6.1f} | err {err:.1e}", flush=True)
 
-    from nemotron_core.ops.triton_experts import gemv_experts
 
-    up = torch.randn(128, 1856, 2688, device="cuda", dtype=torch.bfloat16)
-    down = torch.randn(128, 2688, 1856, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(1, 2688, device="cuda", dtype=torch.bfloat16)
-    idx = torch.randperm(128, device="cuda")[:6][None]
-    wts = torch.rand(1, 6, device="cuda")
-    t = graph_time_us(lambda: gemv_experts(x, idx, wts, up, down))
-    gb = 6 * 2 * 1856 * 2688 * 2 / 1e9
-    results["routed experts (6 of 128, up+down+combine)"] = {"us": t, "TBs": gb / t * 1e3}
-    print(f"routed experts: {t:.1f} us ({gb / t * 1e3:.2f} TB/s)")
+def experts(results: dict) -> None:
+    hidden, inter, n_exp, top_k = 2688, 1856, 128, 6
+    g = torch.Generator(device="cuda").manual_seed(0)
+    up = torch.randn(n_exp, inter, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    down = torch.randn(n_exp, hidden, inter, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    s_up = torch.randn(2 * inter, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    s_down = torch.randn(hidden, 2 * inter, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    for m in (1, 8):
+        x = torch.randn(m, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+        r = torch.randn(m, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+        idx = torch.rand(m, n_exp, device="cuda", generator=g).argsort(-1)[:, :top_k].contiguous()
+        wts = torch.rand(m, top_k, device="cuda", generator=g)
+
+        def separate() -> torch.Tensor:
+            shared = torch.addmm(r, F.relu(F.linear(x, s_up)).square(), s_down.t())
+            return triton_experts.gemv_experts(x, idx, wts, up, down, shared)
+
+        def fused() -> torch.Tensor:
+            return triton_experts.gemv_experts(x, idx, wts, up, down, r, shared_mlp=(s_up, s_down))
+
+        distinct = idx.unique().numel()
+        gb = (distinct * 2 * inter * hidden + 2 * 2 * inter * hidden) * 2 / 1e9
+        row = {"separate_us": graph_time_us(separate), "fused_us": graph_time_us(fused),
+               "max_rel_err": rel(fused(), separate()), "distinct_experts": distinct}
+        row.update({"separate_TBs": gb / row["separate_us"] * 1e3, "fused_TBs": gb / row["fused_us"] * 1e3})
+        results[f"MoE experts + shared, batch {m}"] = row
+        print(f"experts+shared batch {m}: separate (shared on cuBLAS) {row['separate_us']:.1f} us "
+              f"({row['separate_TBs']:.2f} TB/s), fused {row['fused_us']:.1f} us ({row['fused_TBs']:.2f} TB/s), "
+              f"err {row['max_rel_err']:.1e}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = {"device": torch.cuda.get_device_name()}
+    experts(results)
+    dense(results)
     print(json.dumps(results, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

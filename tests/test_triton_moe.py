@@ -172,18 +172,23 @@ def test_loop_experts_add_shared_in_fp32() -> None:
     assert torch.equal(loop_experts(x, idx, w, up, down, shared), loop_experts(x, idx, w, up, down) + shared)
 
 
-@pytest.mark.parametrize("relu2", [False, True])
-def test_dense_gemv_matches_linear(relu2: bool, gemv_variant) -> None:
-    """The decode-time dense GEMV (``BackendConfig(linear="triton")``) against F.linear (+ relu2)."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 1, 40, generator=g).to(DEVICE)  # [batch, 1 token, K]
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("epilogue", ["none", "relu2", "residual"])
+def test_dense_gemv_matches_linear(epilogue: str, rows: int, gemv_variant) -> None:
+    """The decode-time dense GEMV (``BackendConfig(linear="triton")``) against F.linear (+ relu2, or
+    + a residual): one row (batch 1), and several (batch 3, one group on the grouped tiles)."""
+    g = torch.Generator().manual_seed(3 + rows)
+    x = torch.randn(rows, 1, 40, generator=g).to(DEVICE)  # [batch, 1 token, K]
     w = (torch.randn(24, 40, generator=g) / 4).to(DEVICE)
+    residual = torch.randn(rows, 1, 24, generator=g).to(DEVICE)
     want = F.linear(x, w)
-    want = F.relu(want).square() if relu2 else want
+    want = {"none": want, "relu2": F.relu(want).square(), "residual": residual + want}[epilogue]
     assert triton_experts.dense_supported(x, w)
-    got = triton_experts.dense_gemv(x, w, relu2=relu2)
+    got = triton_experts.dense_gemv(x, w, relu2=epilogue == "relu2",
+                                    residual=residual if epilogue == "residual" else None)
     assert got.shape == want.shape and tiny.rel_err(want, got) <= TOL
-    assert not triton_experts.dense_supported(torch.randn(2, 40, device=DEVICE), w)  # more rows: cuBLAS
+    too_many = triton_experts.MAX_DENSE_ROWS + 1  # more rows: cuBLAS
+    assert not triton_experts.dense_supported(torch.randn(too_many, 40, device=DEVICE), w)
 
 
 @torch.no_grad()
@@ -221,3 +226,68 @@ def test_gemv_experts_batch_of_eight(gemv_variant) -> None:
     x, idx, w, up, down, shared = _experts(n_tok=8, n_exp=12, k=3, d_in=40, inter=24, seed=5)
     want = loop_experts(x, idx, w, up, down, shared)
     assert tiny.rel_err(want, triton_experts.gemv_experts(x, idx, w, up, down, shared)) <= TOL
+
+
+@pytest.mark.parametrize("n_tok,top_k", [(1, 2), (3, 1), (8, 3)])
+def test_gemv_experts_run_the_shared_expert_as_parts(n_tok: int, top_k: int, gemv_variant) -> None:
+    """The shared expert (twice an expert's width) as two more experts per token, in the same launches:
+    the routed sum plus relu2(x Su^T) Sd^T plus the added tensor (the block's residual)."""
+    x, idx, w, up, down, residual = _experts(n_tok=n_tok, n_exp=8, k=top_k, d_in=40, inter=24, seed=n_tok)
+    g = torch.Generator().manual_seed(11)
+    s_up = (torch.randn(48, 40, generator=g) / 4).to(DEVICE)
+    s_down = (torch.randn(40, 48, generator=g) / 4).to(DEVICE)
+    assert triton_experts.shared_parts(up, down, s_up, s_down) == 2
+    shared_out = F.linear(F.relu(F.linear(x, s_up)).square(), s_down)
+    want = loop_experts(x, idx, w, up, down, residual + shared_out)
+    got = triton_experts.gemv_experts(x, idx, w, up, down, residual, shared_mlp=(s_up, s_down))
+    assert got.shape == want.shape and tiny.rel_err(want, got) <= TOL
+    no_residual = triton_experts.gemv_experts(x, idx, w, up, down, shared_mlp=(s_up, s_down))
+    assert tiny.rel_err(loop_experts(x, idx, w, up, down, shared_out), no_residual) <= TOL
+
+
+def test_shared_parts_refuse_what_does_not_cut() -> None:
+    _, _, _, up, down, _ = _experts(n_tok=1, n_exp=4, k=1, d_in=40, inter=24)
+    s_up, s_down = torch.zeros(36, 40, device=DEVICE), torch.zeros(40, 36, device=DEVICE)  # 1.5 experts wide
+    assert triton_experts.shared_parts(up, down, s_up, s_down) == 0
+    assert triton_experts.shared_parts(up, down, s_up[:24].double(), s_down[:, :24]) == 0  # another dtype
+    with pytest.raises(ValueError, match="does not cut"):
+        triton_experts.gemv_experts(torch.zeros(1, 40, device=DEVICE), torch.zeros(1, 1, dtype=torch.long, device=DEVICE),
+                                    torch.ones(1, 1, device=DEVICE), up, down, shared_mlp=(s_up, s_down))
+
+
+@pytest.mark.skipif(CUDA, reason="tests/gpu covers the CUDA model path")
+@torch.no_grad()
+def test_moe_block_runs_shared_expert_inside_the_decode_gemv(monkeypatch) -> None:
+    """The MoE block at decode: routed and shared experts in the GEMV's launches (the shared expert as
+    two parts), the residual added in the combine; same output as the block's torch path (fp32)."""
+    from nemotron_core.create import build_config, random_model
+    from nemotron_core.lora import LoRALinear
+    from nemotron_core.modeling import moe
+
+    model = random_model(build_config("tiny"), torch.float32, seed=0)
+    block = next(m for m in model.modules() if isinstance(m, moe.MoE))
+    g = torch.Generator().manual_seed(4)
+    for n_tok in (1, 3):
+        x = torch.randn(n_tok, 1, block.experts.up_proj.shape[2], generator=g)
+        residual = torch.randn(x.shape, generator=g)
+        want = block(x, residual=residual)  # the CPU path: torch router, shared MLP, grouped experts
+        calls = []
+        real = triton_experts.gemv_experts
+        with monkeypatch.context() as m:
+            # The interpreter stands in for the GPU (the model takes the GEMV on CUDA only).
+            m.setattr(moe, "_decode_gemv", lambda x, idx, up, down: triton_experts.supported(x, idx, up, down)
+                      if x.is_cuda else idx.numel() <= triton_experts.MAX_SLOTS)
+            m.setattr(triton_experts, "gemv_experts",
+                      lambda *a, **kw: calls.append(len(a) > 6 or "shared_mlp" in kw) or real(*a, **kw))
+            got = block(x, residual=residual)
+            assert calls == [True], "the shared expert did not run inside the GEMV"
+            # An adapter on the shared expert keeps it out of the GEMV (its LoRA path would be skipped).
+            lora = LoRALinear(block.shared_experts.up_proj, r=2, scaling=1.0)
+            assert moe._plain_weights(block.shared_experts) is not None
+            m.setattr(block.shared_experts, "up_proj", lora)
+            assert moe._plain_weights(block.shared_experts) is None
+            calls.clear()
+            with_adapter = block(x, residual=residual)
+            assert calls == [False]  # routed experts only
+        assert got.shape == want.shape and tiny.rel_err(want, got) <= TOL
+        assert tiny.rel_err(want, with_adapter) <= TOL  # LoRA B starts at zero: the same function

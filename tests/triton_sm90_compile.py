@@ -71,27 +71,41 @@ def main() -> int:
                                                          "BLOCK_E": 128, "BLOCK_K": 8}))
     sig = {**ptrs("y_ptr shared_ptr out_ptr", "bf16"), "pos_ptr": "*i64", "w_ptr": "*fp32", **ints("N H"),
            **ints("stride_y stride_pt stride_pk stride_wt stride_wk stride_s stride_o")}
-    for implicit, shared in ((True, True), (False, False)):
-        results.append(compile_one(f"moe_combine implicit={implicit} shared={shared}", combine, sig,
-                                   {"TOPK": 6, "IMPLICIT_POS": implicit, "HAS_SHARED": shared, "BLOCK_T": 16,
-                                    "BLOCK_H": 256}))
+    for implicit, shared, parts in ((True, True, 0), (False, False, 0), (True, True, 2)):
+        results.append(compile_one(f"moe_combine implicit={implicit} shared={shared} parts={parts}", combine, sig,
+                                   {"TOPK": 6, "IMPLICIT_POS": implicit, "HAS_SHARED": shared, "PARTS": parts,
+                                    "BLOCK_T": 16, "BLOCK_H": 256}))
 
     gemv, _, _ = triton_experts._kernel()
-    # Every autotune config in bf16 (the model's dtype); fp32 and the dense variant on one config of
-    # each kind (each compile costs about half a second).
+    # Every autotune config in bf16 (the model's dtype); fp32 on one config of each kind (each compile
+    # costs about half a second). Routed experts with the shared expert as parts (PARTS=2) of the up
+    # (token rows) and the down (own rows) projection; dense projections with each epilogue.
     kinds = {}
     for config in triton_experts._CONFIGS:
         kinds.setdefault(config[3], config)
     for dt, single in (("bf16", False), ("bf16", True), ("fp32", False), ("fp32", True)):
-        sig = {**ptrs("x_ptr w_ptr out_ptr", dt), "expert_ptr": "*i64", "N": "i32", "K": "i32", "S": "i32",
-               **ints("stride_xm stride_we stride_wn stride_om")}
-        configs = triton_experts._CONFIGS if (dt, single) == ("bf16", False) else kinds.values()
+        sig = {**ptrs("x_ptr w_ptr ws_ptr res_ptr out_ptr", dt), "expert_ptr": "*i64",
+               **ints("N K S R E stride_xm stride_we stride_wn stride_sn part_off stride_rm stride_om")}
+        if dt == "fp32":
+            configs = kinds.values()
+        else:
+            configs = triton_experts._DENSE_CONFIGS if single else triton_experts._CONFIGS
+        if single:  # (parts, own_row, relu2, residual)
+            variants = [(0, True, False, False), (0, True, True, False), (0, True, False, True)]
+        else:
+            variants = [(0, False, True, False), (0, True, False, False), (2, False, True, False), (2, True, False, False)]
         for bn, bk, warps, grouped in configs:
-            consts = {"K": 2688, "BLOCK_N": bn, "BLOCK_K": bk, "ROW_DIV": 1 if single else 6, "RELU2": not single,
-                      "SINGLE": single, "GROUPED": grouped, "S_P2": 64, "MG": 16,
-                      "IEEE": dt == "fp32"}
-            results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} "
-                                       f"single={single}", gemv, sig, consts, warps))
+            for parts, own_row, relu2, residual in variants:
+                consts = {"K": 2688, "BLOCK_N": bn, "BLOCK_K": bk, "ROW_DIV": 1 if own_row else 6,
+                          "OWN_ROW": own_row, "PARTS": parts, "RELU2": relu2, "HAS_RES": residual,
+                          "SINGLE": single, "GROUPED": grouped, "S_P2": 64, "MG": 16, "IEEE": dt == "fp32"}
+                if parts == 0:
+                    consts["ws_ptr"] = None
+                if not residual:
+                    consts["res_ptr"] = None
+                results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} single={single} "
+                                           f"parts={parts} own_row={own_row} relu2={relu2} residual={residual}",
+                                           gemv, sig, consts, warps))
 
     fwd, bwd, _ = triton_act._kernels()
     for dt in ("bf16", "fp16", "fp32"):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import triton_moe
-from ..ops.experts import grouped_experts, loop_experts
+from ..ops import triton_experts, triton_moe
+from ..ops.experts import grouped_experts, grouped_mm_supported, loop_experts
 from .linear import Linear
 from .mlp import MLP
 
@@ -53,6 +53,21 @@ class Router(nn.Module):
         nn.init.zeros_(self.e_score_correction_bias)
 
 
+def _decode_gemv(x: torch.Tensor, idx: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether routed experts over ``idx``'s (token, expert) slots run as the Triton decode GEMV:
+    CUDA, no autograd, a few slots."""
+    return x.is_cuda and not torch.is_grad_enabled() and triton_experts.supported(x, idx, up, down)
+
+
+def _plain_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (up, down) weights of a shared-expert MLP of plain ``Linear`` layers without bias; None for
+    an adapter-wrapped (LoRA) layer, whose extra path the GEMV would skip."""
+    up, down = mlp.up_proj, mlp.down_proj
+    if type(up) is Linear and type(down) is Linear and up.bias is None and down.bias is None:
+        return up.weight, down.weight
+    return None
+
+
 class Experts(nn.Module):
     """Routed experts stacked as ``up_proj [E, inter, in]`` and ``down_proj [E, in, inter]``."""
 
@@ -63,20 +78,28 @@ class Experts(nn.Module):
         self.impl = impl
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                shared: torch.Tensor | None = None) -> torch.Tensor:
-        """``sum_k weights * expert(x) (+ shared)``, summed in fp32 and rounded once."""
+                shared: torch.Tensor | None = None, shared_mlp: nn.Module | None = None) -> torch.Tensor:
+        """``sum_k weights * expert(x) (+ shared_mlp(x)) (+ shared)``, summed in fp32 and rounded once.
+
+        ``shared_mlp`` (the block's shared expert, an ``MLP``) runs here so that the decode GEMV can
+        take it as more experts in its own launches (``triton_experts.gemv_experts``); elsewhere it
+        runs as itself, with ``shared`` added in its down projection's GEMM."""
         # Autocast does not cover grouped GEMMs: do what it does for a Linear (compute in its dtype),
         # and otherwise compute in the weights' dtype (e.g. fp32 activations on a bf16 LoRA base).
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.up_proj.dtype
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else self.up_proj.dtype
+        gemv = self.impl != "loop" and _decode_gemv(x, idx, self.up_proj, self.down_proj)
+        if shared_mlp is not None:
+            pair = _plain_weights(shared_mlp) if gemv and not autocast and x.dtype == dtype else None
+            if pair is not None and triton_experts.shared_parts(self.up_proj, self.down_proj, *pair):
+                return triton_experts.gemv_experts(x, idx, weights, self.up_proj, self.down_proj, shared, pair)
+            shared = shared_mlp(x, residual=shared)
         x, up, down = x.to(dtype), self.up_proj.to(dtype), self.down_proj.to(dtype)
         if self.impl == "loop":
             return loop_experts(x, idx, weights, up, down, shared)
-        if x.is_cuda and not torch.is_grad_enabled():
-            from ..ops import triton_experts
-
-            if triton_experts.supported(x, idx, up, down):  # decode: a few slots
-                return triton_experts.gemv_experts(x, idx, weights, up, down, shared)
+        if gemv:  # decode: a few slots
+            return triton_experts.gemv_experts(x, idx, weights, up, down, shared)
         return grouped_experts(x, idx, weights, up, down, shared)
 
     def capturable(self, slots: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -87,9 +110,6 @@ class Experts(nn.Module):
         unusable for the rest of the process."""
         if self.impl == "loop":
             return False
-        from ..ops import triton_experts
-        from ..ops.experts import grouped_mm_supported
-
         if triton_experts.takes(device, slots):
             return True
         return grouped_mm_supported(torch.empty(0, dtype=dtype, device=device), self.up_proj, self.down_proj)
@@ -120,9 +140,10 @@ class MoE(nn.Module):
         expert's output, inside its down projection's GEMM where possible)."""
         flat = x.reshape(-1, x.shape[-1])
         idx, weights = self.gate(flat)
-        shared = self.shared_experts(flat, residual=None if residual is None else residual.reshape(flat.shape))
+        residual = None if residual is None else residual.reshape(flat.shape)
         if self.fc1_latent_proj is None:
-            # The shared expert's output joins the routed sum before its one rounding (one kernel).
-            return self.experts(flat, idx, weights, shared).view_as(x)
+            # The shared expert's output (with the residual) joins the routed sum before its one rounding.
+            return self.experts(flat, idx, weights, residual, shared_mlp=self.shared_experts).view_as(x)
+        shared = self.shared_experts(flat, residual=residual)
         routed = self.experts(self.fc1_latent_proj(flat), idx, weights)
         return (self.fc2_latent_proj(routed) + shared).view_as(x)

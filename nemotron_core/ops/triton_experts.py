@@ -34,9 +34,12 @@ _PLAIN_TILES = ((32, 256, 8), (16, 512, 8))
 _GROUPED_TILES = ((32, 128, 4), (64, 128, 4), (32, 256, 8), (64, 256, 8))
 _CONFIGS = (tuple((bn, bk, w, False) for bn, bk, w in _PLAIN_TILES)
             + tuple((bn, bk, w, True) for bn, bk, w in _GROUPED_TILES))
-# Dense single-row projections (BackendConfig(linear="triton")): (16, 512, 8) won every dense decode
-# shape of the Nano model on the H200.
-_DENSE_CONFIGS = tuple((bn, bk, w, False) for bn, bk, w in _PLAIN_TILES)
+# Dense projections of a few rows (BackendConfig(linear="triton")): among the plain tiles (16, 512, 8)
+# won every dense decode shape of the Nano model on the H200, but stayed slower than cuBLAS. The
+# grouped tiles stream the weights through tl.dot's pipelined loads, as they do for the experts, and
+# 16-wide ones give N = 2688 projections 168 programs rather than 84 for the 132 SMs.
+_DENSE_CONFIGS = (tuple((bn, bk, w, False) for bn, bk, w in _PLAIN_TILES)
+                  + tuple((bn, bk, w, True) for bn, bk, w in _GROUPED_TILES + ((16, 256, 4), (16, 512, 8))))
 # The interpreter (CPU tests) cannot time configs: it runs this one (tests switch it, then rebuild).
 INTERPRETER_CONFIG = 0
 
@@ -53,14 +56,52 @@ def _kernel():
     configs = (_CONFIGS[INTERPRETER_CONFIG],) if interpreting() else _CONFIGS
 
     @triton.jit
-    def _grouped_slots(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S, stride_xm, stride_we, stride_wn,
-                       stride_om, slot, e, offs_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       ROW_DIV: tl.constexpr, RELU2: tl.constexpr, S_P2: tl.constexpr, MG: tl.constexpr,
-                       IEEE: tl.constexpr):
+    def _expert_of(s, valid, expert_ptr, R, E, PARTS: tl.constexpr, SINGLE: tl.constexpr):
+        """Expert id of slot(s) ``s``: the routed slots [0, R) read theirs; the shared expert's
+        parts follow them, PARTS a token, as ids E, E + 1, ... (see ``gemv_experts``). A dense
+        projection (SINGLE) has one matrix, "expert" 0, for every row."""
+        if SINGLE:
+            return (s * 0).to(tl.int64)
+        elif PARTS == 0:
+            return tl.load(expert_ptr + s, mask=valid, other=-1).to(tl.int64)
+        else:
+            routed = s < R
+            ids = tl.load(expert_ptr + s, mask=valid & routed, other=-1).to(tl.int64)
+            return tl.where(routed, ids, E + (s - R) % PARTS)
+
+    @triton.jit
+    def _row_of(s, R, ROW_DIV: tl.constexpr, PARTS: tl.constexpr, OWN_ROW: tl.constexpr):
+        """Input row of slot(s) ``s``: its own (down projection: the up output of that slot), or its
+        token's (up projection: routed slot s is token s // ROW_DIV, shared part slots PARTS a token)."""
+        if OWN_ROW:
+            return s
+        elif PARTS == 0:
+            return s // ROW_DIV
+        else:
+            return tl.where(s < R, s // ROW_DIV, (s - R) // PARTS)
+
+    @triton.jit
+    def _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS: tl.constexpr):
+        """(first element, row stride) of expert ``e``'s weight matrix: a routed expert's slice of the
+        stacked weights, or part e - E of the shared expert's matrix."""
+        base = w_ptr + e * stride_we
+        row = tl.cast(stride_wn, tl.int64)
+        if PARTS > 0:
+            if e >= E:
+                base = ws_ptr + (e - E) * part_off
+                row = tl.cast(stride_sn, tl.int64)
+        return base, row
+
+    @triton.jit
+    def _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, res_ptr, out_ptr, N, K: tl.constexpr, S, R, E,
+                       stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_rm, stride_om, slot, e, offs_n,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
+                       PARTS: tl.constexpr, RELU2: tl.constexpr, HAS_RES: tl.constexpr, SINGLE: tl.constexpr,
+                       S_P2: tl.constexpr, MG: tl.constexpr, IEEE: tl.constexpr):
         """The slots routed to expert ``e``, computed by the program of the first of them (the others
         return at once): its weight tile is read once per K step and multiplied into all member rows."""
         offs_s = tl.arange(0, S_P2)
-        ids = tl.load(expert_ptr + offs_s, mask=offs_s < S, other=-1).to(tl.int64)
+        ids = _expert_of(offs_s, offs_s < S, expert_ptr, R, E, PARTS, SINGLE)
         same = (ids == e) & (offs_s < S)
         if tl.min(tl.where(same, offs_s, S_P2), axis=0) == slot:
             # Member m of the group = the slot whose running count of members is m.
@@ -69,13 +110,14 @@ def _kernel():
             pick = same[None, :] & (rank[None, :] == offs_m[:, None])
             member = tl.sum(tl.where(pick, offs_s[None, :], 0), axis=1)
             valid = offs_m < tl.sum(same.to(tl.int32), axis=0)
-            rows = (member // ROW_DIV).to(tl.int64)
+            rows = _row_of(member, R, ROW_DIV, PARTS, OWN_ROW).to(tl.int64)
+            w_base, w_row = _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS)
             acc = tl.zeros((MG, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 xs = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                              mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
-                w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :],
+                w = tl.load(w_base + offs_n[:, None] * w_row + offs_k[None, :],
                             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
                 if IEEE:  # fp32 inputs keep full precision (no TF32)
                     acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
@@ -84,45 +126,52 @@ def _kernel():
             if RELU2:
                 acc = tl.maximum(acc, 0.0)
                 acc = acc * acc
+            mask = valid[:, None] & (offs_n[None, :] < N)
+            if HAS_RES:  # the residual, added before the one rounding (as cuBLAS's addmm does)
+                acc += tl.load(res_ptr + member[:, None].to(tl.int64) * stride_rm + offs_n[None, :],
+                               mask=mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + member[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+                     acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def expert_gemv(x_ptr, w_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S,
-                    stride_xm, stride_we, stride_wn, stride_om,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, RELU2: tl.constexpr,
-                    SINGLE: tl.constexpr, GROUPED: tl.constexpr,
-                    S_P2: tl.constexpr, MG: tl.constexpr, IEEE: tl.constexpr):
+    def expert_gemv(x_ptr, w_ptr, ws_ptr, expert_ptr, res_ptr, out_ptr, N, K: tl.constexpr, S, R, E,
+                    stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_rm, stride_om,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
+                    PARTS: tl.constexpr, RELU2: tl.constexpr, HAS_RES: tl.constexpr, SINGLE: tl.constexpr,
+                    GROUPED: tl.constexpr, S_P2: tl.constexpr, MG: tl.constexpr, IEEE: tl.constexpr):
         # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
         # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
-        # Slot s = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
-        # s // top_k (ROW_DIV = top_k), the down projection its own row s (ROW_DIV = 1). Deriving the
-        # row here saves the host-side arange/repeat_interleave launches.
+        # Slot s < R = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
+        # s // top_k (ROW_DIV = top_k), the down projection its own row s (OWN_ROW). Deriving the row
+        # here saves the host-side arange/repeat_interleave launches. Slots from R on are the shared
+        # expert's PARTS parts per token (``gemv_experts``).
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
-        if SINGLE:  # a dense projection: one weight matrix, no expert ids
-            e = 0
-        else:
-            e = tl.load(expert_ptr + slot).to(tl.int64)  # int64 router ids, or int32
+        e = _expert_of(slot, slot < S, expert_ptr, R, E, PARTS, SINGLE)  # int64 router ids, or int32
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if GROUPED and not SINGLE:
-            _grouped_slots(x_ptr, w_ptr, expert_ptr, out_ptr, N, K, S, stride_xm, stride_we, stride_wn, stride_om,
-                           slot, e, offs_n, BLOCK_N, BLOCK_K, ROW_DIV, RELU2, S_P2, MG, IEEE)
+        if GROUPED:  # (a dense projection's rows form one group: its weights are read once for all)
+            _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, res_ptr, out_ptr, N, K, S, R, E, stride_xm, stride_we,
+                           stride_wn, stride_sn, part_off, stride_rm, stride_om, slot, e, offs_n, BLOCK_N, BLOCK_K,
+                           ROW_DIV, OWN_ROW, PARTS, RELU2, HAS_RES, SINGLE, S_P2, MG, IEEE)
             return
-        row = (slot // ROW_DIV).to(tl.int64)
+        row = _row_of(slot, R, ROW_DIV, PARTS, OWN_ROW).to(tl.int64)
+        w_base, w_row = _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :],
+            w = tl.load(w_base + offs_n[:, None] * w_row + offs_k[None, :],
                         mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
             acc += tl.sum(w * x[None, :], axis=1)
         if RELU2:
             acc = tl.maximum(acc, 0.0)
             acc = acc * acc
+        if HAS_RES:
+            acc += tl.load(res_ptr + slot * stride_rm + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         tl.store(out_ptr + slot * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
-    globals().update(tl=tl, _grouped_slots=_grouped_slots)  # the interpreter resolves names here
+    globals().update(tl=tl, _grouped_slots=_grouped_slots, _expert_of=_expert_of, _row_of=_row_of,
+                     _weights_of=_weights_of)  # the interpreter resolves names here
 
     def tuned(choices):
         return triton.autotune(
@@ -144,28 +193,45 @@ def _kernel():
     return experts, dense, triton.cdiv
 
 
-def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_div: int, relu2: bool,
-          tokens: int = 1) -> torch.Tensor:
-    """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (relu2'd if asked); with
-    ``experts=None``, ``w`` holds one matrix and row s is ``w[0] @ x[s]``."""
+def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_div: int | None, relu2: bool,
+          tokens: int = 1, shared_w: torch.Tensor | None = None, parts: int = 0,
+          split_rows: bool = True, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (``x[s]`` when ``row_div`` is None),
+    relu2'd if asked; with ``experts=None``, ``w`` holds one matrix and row s is ``w[0] @ x[s]``.
+
+    With ``shared_w`` (the shared expert's matrix, ``parts`` times an expert's size, cut along its
+    rows (``split_rows``) or its columns), ``tokens * parts`` slots follow the routed ones: slot
+    ``R + t * parts + j`` is part j of it applied to token t (x row t, or the slot's own row).
+    ``residual`` (``[rows, N]``, optional) is added to row s in fp32 before the one rounding.
+    """
     experts_kernel, dense_kernel, cdiv = _kernel()
     kernel = dense_kernel if experts is None else experts_kernel
     n, k = w.shape[1], w.shape[2]
-    rows = experts.shape[0] if experts is not None else x.shape[0]
+    routed = experts.shape[0] if experts is not None else x.shape[0]
+    rows = routed + tokens * parts
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (rows, cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    # A group holds at most one slot per token (a token's experts are distinct): MG >= tokens rows
-    # cover it (tl.dot wants at least 16).
-    kernel[grid](x, w, experts if experts is not None else x, out, n, k, rows, x.stride(0), w.stride(0), w.stride(1),
-                 out.stride(0), ROW_DIV=row_div, RELU2=relu2, SINGLE=experts is None,
+    if shared_w is None:
+        stride_sn, part_off = 0, 0
+    else:
+        stride_sn = shared_w.stride(0)
+        part_off = n * shared_w.stride(0) if split_rows else k * shared_w.stride(1)
+    # A group holds at most one slot per token (a token's experts are distinct, and so are its shared
+    # parts): MG >= tokens rows cover it (tl.dot wants at least 16).
+    kernel[grid](x, w, shared_w, experts if experts is not None else x, residual, out, n, k, rows, routed, w.shape[0],
+                 x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off,
+                 0 if residual is None else residual.stride(0), out.stride(0),
+                 ROW_DIV=row_div or 1, OWN_ROW=row_div is None, PARTS=parts, RELU2=relu2,
+                 HAS_RES=residual is not None, SINGLE=experts is None,
                  S_P2=triton_moe._next_pow2(rows), MG=max(16, triton_moe._next_pow2(tokens)),
                  IEEE=x.dtype == torch.float32)
     return out
 
 
-# Dense projections of at most this many rows (batch-1 decode) may take the GEMV instead of cuBLAS.
-# Each program reads its weight tile for one row only, so more rows would re-read the weights.
-MAX_DENSE_ROWS = 1
+# Dense projections of at most this many rows (decode, up to batch 16) may take the GEMV instead of
+# cuBLAS. The grouped tiles read the weights once for all rows (one tl.dot group of up to 16 rows);
+# the plain tiles re-read them per row, and the autotuner (keyed on the row count) weighs that.
+MAX_DENSE_ROWS = 16
 
 
 def dense_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -176,12 +242,16 @@ def dense_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return triton_moe.usable(x)
 
 
-def dense_gemv(x: torch.Tensor, weight: torch.Tensor, relu2: bool = False) -> torch.Tensor:
-    """``x @ weight.T`` (then relu2 if asked) for a few rows, as one GEMV launch: at decode cuBLAS
-    uses a split-K GEMM plus a reduction kernel per projection. ``x [..., K]``, ``weight [N, K]``."""
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, relu2: bool = False,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T`` (then relu2 if asked; or plus ``residual``, added in fp32 before the one
+    rounding) for a few rows, as one launch: at decode cuBLAS uses a split-K GEMM plus a reduction
+    kernel per projection. ``x [..., K]``, ``weight [N, K]``, ``residual [..., N]`` in x's dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    return _gemv(x2, weight.unsqueeze(0), None, row_div=1, relu2=relu2).view(*lead, weight.shape[0])
+    res = None if residual is None else residual.reshape(-1, weight.shape[0]).contiguous()
+    out = _gemv(x2, weight.unsqueeze(0), None, row_div=None, relu2=relu2, tokens=x2.shape[0], residual=res)
+    return out.view(*lead, weight.shape[0])
 
 
 def takes(device: torch.device, slots: int) -> bool:
@@ -201,15 +271,45 @@ def supported(x: torch.Tensor, idx: torch.Tensor, up: torch.Tensor, down: torch.
     return takes(x.device, idx.numel())
 
 
+def shared_parts(up: torch.Tensor, down: torch.Tensor, shared_up: torch.Tensor, shared_down: torch.Tensor) -> int:
+    """Into how many routed-expert-sized parts the shared expert (``shared_up [P * inter, in]``,
+    ``shared_down [out, P * inter]``) cuts, for ``gemv_experts`` to run it as P more experts; 0 when
+    it does not fit (other width, dtype or layout)."""
+    inter, d_in, d_out = up.shape[1], up.shape[2], down.shape[1]
+    width = shared_up.shape[0]
+    if (width % inter or shared_up.shape != (width, d_in) or shared_down.shape != (d_out, width)
+            or shared_up.dtype != up.dtype or shared_down.dtype != down.dtype
+            or shared_up.stride(-1) != 1 or shared_down.stride(-1) != 1):
+        return 0
+    return width // inter
+
+
 def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,
-                 down: torch.Tensor, shared: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``sum_j weights[t, j] * expert_{idx[t, j]}(x[t]) (+ shared[t])``: three launches in all.
+                 down: torch.Tensor, shared: Optional[torch.Tensor] = None,
+                 shared_mlp: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """``sum_j weights[t, j] * expert_{idx[t, j]}(x[t]) (+ shared_expert(x[t])) (+ shared[t])``:
+    three launches in all.
 
     ``idx`` may be the router's int64 ids as they are; ``shared`` (``[N, out]``, optional) is added
-    in fp32 before the one rounding to ``x.dtype``, as in ``loop_experts``.
+    in fp32 before the one rounding to ``x.dtype``, as in ``loop_experts``. ``shared_mlp``: the
+    shared expert's ``(up [P * inter, in], down [out, P * inter])`` weights (relu2 between, no bias;
+    ``shared_parts`` says whether they fit). It runs as P more experts of weight 1 per token, in the
+    same two launches as the routed ones: at decode that saves the shared expert's own GEMVs, their
+    split-K reductions and its activation kernel, and its weights stream at the expert GEMV's rate.
+    Each part's output is rounded to ``x.dtype`` like a routed expert's before the fp32 sum.
     """
     ntok, topk = idx.shape
-    experts = idx.reshape(-1)  # a view of the router's contiguous output: no launch
-    h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok)  # [slots, inter]
-    y = _gemv(h, down, experts, row_div=1, relu2=False, tokens=ntok)  # [slots, out], slot order
-    return combine_triton(y, None, weights, shared, out_dtype=x.dtype)
+    # The router's ids are contiguous, so this is a view (no launch); a strided [N, 1] slice is not.
+    experts = idx.reshape(-1).contiguous()
+    parts, shared_up, shared_down = 0, None, None
+    if shared_mlp is not None:
+        shared_up, shared_down = shared_mlp
+        parts = shared_parts(up, down, shared_up, shared_down)
+        if parts == 0:
+            raise ValueError(f"the shared expert {tuple(shared_up.shape)} / {tuple(shared_down.shape)} does not cut "
+                             f"into experts of {tuple(up.shape[1:])} / {tuple(down.shape[1:])}")
+    h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok,
+              shared_w=shared_up, parts=parts, split_rows=True)  # [slots, inter]
+    y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok,
+              shared_w=shared_down, parts=parts, split_rows=False)  # [slots, out], slot order
+    return combine_triton(y, None, weights, shared, out_dtype=x.dtype, shared_parts=parts)

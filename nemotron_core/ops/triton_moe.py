@@ -138,7 +138,7 @@ def _kernels():
     def moe_combine(y_ptr, pos_ptr, w_ptr, shared_ptr, out_ptr, N, H,
                     stride_y, stride_pt, stride_pk, stride_wt, stride_wk, stride_s, stride_o,
                     TOPK: tl.constexpr, IMPLICIT_POS: tl.constexpr, HAS_SHARED: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                    PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
         # int64 row indices: tokens * k * hidden passes 2**31 at long prefills.
         offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -155,6 +155,10 @@ def _kernels():
             w = tl.load(w_ptr + offs_t * stride_wt + j * stride_wk, mask=mask_t, other=0.0).to(tl.float32)
             y = tl.load(y_ptr + row[:, None] * stride_y + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
             acc += w[:, None] * y
+        # Then, in slot order (IMPLICIT_POS), the shared expert's parts: rows N * TOPK + t * PARTS + p.
+        for p in tl.static_range(PARTS):
+            row = N * TOPK + offs_t * PARTS + p
+            acc += tl.load(y_ptr + row[:, None] * stride_y + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_SHARED:
             shared = tl.load(shared_ptr + offs_t[:, None] * stride_s + offs_h[None, :], mask=mask, other=0.0)
             acc += shared.to(tl.float32)
@@ -198,8 +202,10 @@ def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: 
 
 
 def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.Tensor,
-                   shared: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``out[t] = sum_j weights[t, j] * y[pos[t, j]] (+ shared[t])``, accumulated in fp32, rounded once.
+                   shared: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                   shared_parts: int = 0) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * y[pos[t, j]] (+ sum_p y[N * k + t * P + p]) (+ shared[t])``,
+    accumulated in fp32, rounded once.
 
     ``y [M, H]``: expert outputs, one row per (token, expert) slot; ``pos [N, k]`` (any int dtype):
     the row of ``y`` holding token t's j-th expert output, or ``None`` for slot order
@@ -211,8 +217,10 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
     h = y.shape[1]
     if pos is not None and pos.shape != weights.shape:
         raise ValueError(f"pos {tuple(pos.shape)} and weights {tuple(weights.shape)} differ")
-    if pos is None and y.shape[0] != n * top_k:
-        raise ValueError(f"slot-order y needs {n * top_k} rows, got {y.shape[0]}")
+    if shared_parts and pos is not None:
+        raise ValueError("shared_parts needs slot-order y (pos=None)")
+    if pos is None and y.shape[0] != n * (top_k + shared_parts):
+        raise ValueError(f"slot-order y needs {n * (top_k + shared_parts)} rows, got {y.shape[0]}")
     if shared is not None and shared.shape != (n, h):
         raise ValueError(f"shared must be [{n}, {h}], got {tuple(shared.shape)}")
     out = torch.empty(n, h, dtype=out_dtype or y.dtype, device=y.device)
@@ -232,6 +240,6 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
     combine[(cdiv(n, block_t), cdiv(h, block_h))](
         y, p, weights, s, out, n, h,
         y.stride(0), p.stride(0), p.stride(1), weights.stride(0), weights.stride(1), s.stride(0), out.stride(0),
-        TOPK=top_k, IMPLICIT_POS=pos is None, HAS_SHARED=shared is not None,
+        TOPK=top_k, IMPLICIT_POS=pos is None, HAS_SHARED=shared is not None, PARTS=shared_parts,
         BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
     return out

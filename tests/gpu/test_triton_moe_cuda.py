@@ -120,6 +120,26 @@ def test_gemv_experts_match_loop(experts, n: int, with_shared: bool) -> None:
     assert rel(got, want) < BF16_TOL
 
 
+@pytest.mark.parametrize("n", [1, 8])
+def test_gemv_experts_with_shared_expert_match_loop(experts, n: int) -> None:
+    """The Nano shared expert (3712 = 2 x 1856 wide) as two more experts per token, plus the residual."""
+    _need_triton()
+    from nemotron_core.ops import triton_experts
+    from nemotron_core.ops.experts import loop_experts
+
+    up, down = experts
+    x, idx, w, residual = _tokens(n, seed=50 + n)
+    g = torch.Generator(device="cuda").manual_seed(n)
+    s_up = (torch.randn(2 * INTER, HIDDEN, device="cuda", generator=g) * 0.02).bfloat16()
+    s_down = (torch.randn(HIDDEN, 2 * INTER, device="cuda", generator=g) * 0.02).bfloat16()
+    assert triton_experts.shared_parts(up, down, s_up, s_down) == 2
+    got = triton_experts.gemv_experts(x, idx, w, up, down, residual, shared_mlp=(s_up, s_down))
+    shared_out = F.linear(F.relu(F.linear(x, s_up)).square(), s_down)  # bf16, as the MLP computes it
+    want = loop_experts(x, idx, w, up, down, (residual.float() + shared_out.float()).bfloat16())
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert rel(got, want) < BF16_TOL
+
+
 @pytest.mark.parametrize("with_shared", [False, True])
 @pytest.mark.parametrize("n", [1, 8, 512])
 def test_grouped_experts_fast_path_matches_loop(experts, n: int, with_shared: bool, monkeypatch) -> None:
