@@ -8,20 +8,30 @@
 # land in OUTDIR. Run from the project root with mamba-ssm importable (see BENCHMARKS.md's set-up).
 #
 # A fresh GPU machine spends minutes compiling Triton kernels (ours and mamba-ssm's, per shape and
-# autotune config). Triton's cache therefore lives in ./.triton-cache (git-ignored; carry it to the
-# device), and the run leaves the updated cache in OUTDIR/triton-cache.tgz for the next session:
-#   mkdir -p .triton-cache && tar xzf FILES_AT/triton-cache.tgz -C .triton-cache
-# GPU_TESTS selects test paths for the tests part (default tests/gpu), e.g. to split it in two calls.
+# autotune config): a cold test_kernels_cuda.py alone took 225 s. Triton's cache therefore travels
+# as xz-compressed parts of at most 15 MiB (the device returns files of at most 16 MiB, and the
+# unpacked cache is too large to carry): the run unpacks ./.triton-cache-pack/* (git-ignored; carry
+# it) into ./.triton-cache and leaves the updated cache's parts in OUTDIR. For the next call:
+#   rm -rf .triton-cache-pack && mkdir .triton-cache-pack && cp FILES_AT/triton-cache.txz.* .triton-cache-pack/
+# At the end every log and JSON file goes into OUTDIR/results.tgz (the device returns at most 8
+# files); summary.txt stays beside it. GPU_TESTS selects test paths for the tests part (default
+# tests/gpu), e.g. to split it across calls. Use a fresh OUTDIR per run.
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUTDIR [parts]}
 parts=${2:-tests,gemv,attn,router,generate,train,memory,packed}
 mkdir -p "$out"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 mkdir -p "$TRITON_CACHE_DIR"
-save_cache() {  # the device returns files of limited size: skip a cache grown past 48 MiB
-  tar czf "$out/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
-  if [ "$(stat -c %s "$out/triton-cache.tgz" 2>/dev/null || echo 0)" -gt $((48 << 20)) ]; then
-    rm -f "$out/triton-cache.tgz"; echo "triton cache too large to return" | tee -a "$out/summary.txt"
+if compgen -G ".triton-cache-pack/triton-cache.txz.*" > /dev/null; then
+  cat .triton-cache-pack/triton-cache.txz.* | xz -d | tar xf - -C "$TRITON_CACHE_DIR" && echo "triton cache unpacked"
+fi
+save_cache() {
+  local files
+  files=$(cd "$out" && ls | grep -v -e '^summary.txt$' -e '^results.tgz$' -e '^triton-cache.txz')
+  [ -n "$files" ] && (cd "$out" && tar czf results.tgz --remove-files $files)
+  tar cf - -C "$TRITON_CACHE_DIR" . | xz -T0 -6 | split -b 15m -d - "$out/triton-cache.txz."
+  if [ "$(ls "$out"/triton-cache.txz.* | wc -l)" -gt 4 ]; then
+    rm -f "$out"/triton-cache.txz.*; echo "triton cache too large to return" | tee -a "$out/summary.txt"
   fi
 }
 trap save_cache EXIT
@@ -33,7 +43,7 @@ step() {  # name, seconds, command...
   echo "$name: exit $? in $((SECONDS - t0)) s (limit $limit)" | tee -a "$out/summary.txt"
   tail -4 "$out/$name.log"
 }
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$out/summary.txt"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee -a "$out/summary.txt"
 # Per-test durations, and a stack dump of any test still running after 150 s.
 has tests && step tests 360 python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider --durations=15 -o faulthandler_timeout=150
 has gemv && step gemv 150 env TRITON_PRINT_AUTOTUNING=1 python3 benchmarks/gpu_gemv.py --out "$out/gemv.json"

@@ -10,9 +10,11 @@ its accuracy test at 512 tokens. This measures, against an fp64 reference, per t
 * ``bf16x3``: one bf16 GEMM with fp32 output over the stacked parts, summed in fp32;
 * ``bf16x3_chunkC``: the same with K cut into chunks of C, each chunk's product from the tensor
   cores summed across chunks in IEEE fp32 (the error of in-MMA accumulation then spans C products);
+* ``triton_router``: ``nemotron_core.ops.triton_router``, the chunk-64 scheme as one kernel (what
+  the model runs);
 
 the error (max |d| / max |exact|), the tokens whose top-6 expert choice (sigmoid + correction bias)
-differs from the one the fp64 logits give, and the time per call at 8,192 tokens. A variant is fit to
+differs from the one the fp64 logits give, and the time per call at 1 and 8,192 tokens. A variant is fit to
 replace ``fp32`` when its error and choice flips are no worse than ``fp32``'s.
 
     python benchmarks/gpu_router_precision.py [--out router.json]
@@ -24,6 +26,8 @@ import json
 
 import torch
 import torch.nn.functional as F
+
+from nemotron_core.ops import triton_router
 
 HIDDEN, N_EXP, TOP_K = 2688, 128, 6
 
@@ -77,6 +81,8 @@ def main() -> None:
         "fp32": lambda x: F.linear(x.float(), w),
         "bf16x3": lambda x: bf16x3(x, parts),
         **{f"bf16x3_chunk{c}": (lambda x, c=c: bf16x3(x, parts, c)) for c in (16, 64, 256)},
+        # What the model's router runs: the chunk-64 scheme in one Triton kernel (the split in-kernel).
+        "triton_router": lambda x: triton_router.router_logits(x, w),
     }
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "by_tokens": {}}
     for n in (1, 8, 512, 8192):
@@ -88,7 +94,7 @@ def main() -> None:
             got = fn(x)
             row[name] = {"rel_err": ((got.double() - exact).abs().max() / exact.abs().max()).item(),
                          "choice_flips": int((choices(got, bias) != want).any(-1).sum())}
-            if n == 8192:
+            if n in (1, 8192):
                 row[name]["ms"] = time_ms(lambda fn=fn, x=x: fn(x))
         results["by_tokens"][n] = row
         for name, r in row.items():

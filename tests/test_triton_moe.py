@@ -113,6 +113,24 @@ def test_combine_int32_pos_with_repeats_and_out_dtype() -> None:
     assert tiny.rel_err(want.float(), got.float()) <= 1e-3  # at most one fp16 rounding step apart
 
 
+@pytest.mark.parametrize("n", [1, 37])
+def test_router_logits_match_fp64(n: int) -> None:
+    """The router GEMM's tiling, masking and exact three-part split of the fp32 weight (the
+    interpreter does the tensor cores' work in fp32, so only the GPU test measures their accumulation)."""
+    from nemotron_core.ops import triton_router
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 200, generator=g).bfloat16().to(DEVICE)  # K = 200: a partial last chunk
+    w = (torch.randn(24, 200, generator=g) * 0.05).to(DEVICE)  # 24 experts: a partial tile
+    exact = x.double() @ w.double().t()
+    got = triton_router.router_logits(x, w)
+    assert got.dtype == torch.float32 and got.shape == (n, 24)
+    # The textbook bound for fp32 dot products of length K: K * 2^-24 * sum |x_i w_i|.
+    bound = 200 * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t())
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    assert not triton_router.supported(x.float(), w) and not triton_router.supported(x, w.bfloat16())
+
+
 # ---- experts ----------------------------------------------------------------------------------------------
 @pytest.fixture(params=["per_slot", "grouped"])
 def gemv_variant(request, monkeypatch):

@@ -15,7 +15,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from nemotron_core.ops import triton_act, triton_ce, triton_conv, triton_experts, triton_moe  # noqa: E402
+from nemotron_core.ops import triton_act, triton_ce, triton_conv, triton_experts, triton_moe, triton_router  # noqa: E402,E501
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -75,6 +75,13 @@ def main() -> int:
         results.append(compile_one(f"moe_combine implicit={implicit} shared={shared} parts={parts}", combine, sig,
                                    {"TOPK": 6, "IMPLICIT_POS": implicit, "HAS_SHARED": shared, "PARTS": parts,
                                     "BLOCK_T": 16, "BLOCK_H": 256}))
+
+    router, _ = triton_router._kernel()
+    sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", **ints("M E K M_BUCKET stride_xm stride_we stride_om")}
+    for bm, bn, warps in triton_router._CONFIGS:
+        results.append(compile_one(f"router_logits {bm}x{bn}/{warps}", router, sig,
+                                   {"K": 2688, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": triton_router.CHUNK_K,
+                                    "INTERPRET": False, "PRECISION": None}, warps))
 
     gemv, _, _ = triton_experts._kernel()
     # Every autotune config in bf16 (the model's dtype); fp32 on one config of each kind (each compile

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import triton_experts, triton_moe
+from ..ops import triton_experts, triton_moe, triton_router
 from ..ops.experts import grouped_experts, grouped_mm_supported, loop_experts
 from .linear import Linear
 from .mlp import MLP
@@ -28,10 +28,15 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[N, H]`` -> (expert ids ``[N, k]``, fp32 weights ``[N, k]``)."""
-        logits = F.linear(x.float(), self.weight.float())
-        if (self.n_group == 1 and logits.is_cuda and not (torch.is_grad_enabled() and logits.requires_grad)
-                and triton_moe.usable(logits)):
-            # One kernel for everything below (it has no backward, hence inference only).
+        # Inference on CUDA: two kernels, neither with a backward. The logits on tensor cores with
+        # IEEE-fp32 accuracy (triton_router; no fp32 copy of x), then one kernel for all of the rest.
+        fused = (self.n_group == 1 and x.is_cuda and triton_moe.usable(x)
+                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+        if fused and triton_router.supported(x, self.weight):
+            logits = triton_router.router_logits(x, self.weight)
+        else:
+            logits = F.linear(x.float(), self.weight.float())
+        if fused:
             return triton_moe.route_triton(logits, self.e_score_correction_bias.float(), self.top_k, self.scaling,
                                            self.norm_topk_prob)
         scores = logits.sigmoid()
