@@ -15,7 +15,8 @@
 #   rm -rf .triton-cache-pack && mkdir .triton-cache-pack && cp FILES_AT/triton-cache.txz.* .triton-cache-pack/
 # At the end every log and JSON file goes into OUTDIR/results.tgz (the device returns at most 8
 # files); summary.txt stays beside it. GPU_TESTS selects test paths for the tests part (default
-# tests/gpu), e.g. to split it across calls. Use a fresh OUTDIR per run.
+# tests/gpu), e.g. to split it across calls, TESTS_LIMIT its time limit (default 360 s); SAVE_CACHE=0
+# skips returning the cache. Use a fresh OUTDIR per run.
 set -uo pipefail
 out=${1:?usage: gpu_all.sh OUTDIR [parts]}
 parts=${2:-tests,gemv,attn,router,generate,train,memory,packed}
@@ -29,12 +30,13 @@ save_cache() {
   local files
   files=$(cd "$out" && ls | grep -v -e '^summary.txt$' -e '^results.tgz$' -e '^triton-cache.txz')
   [ -n "$files" ] && (cd "$out" && tar czf results.tgz --remove-files $files)
+  [ -n "${SKIP_CACHE:-}" ] && return
   tar cf - -C "$TRITON_CACHE_DIR" . | xz -T0 -6 | split -b 15m -d - "$out/triton-cache.txz."
   if [ "$(ls "$out"/triton-cache.txz.* | wc -l)" -gt 4 ]; then
     rm -f "$out"/triton-cache.txz.*; echo "triton cache too large to return" | tee -a "$out/summary.txt"
   fi
 }
-trap save_cache EXIT
+[ "${SAVE_CACHE:-1}" = 1 ] && trap save_cache EXIT || trap 'SKIP_CACHE=1 save_cache' EXIT
 has() { [[ ",$parts," == *",$1,"* ]]; }
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -45,7 +47,7 @@ step() {  # name, seconds, command...
 }
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee -a "$out/summary.txt"
 # Per-test durations, and a stack dump of any test still running after 150 s.
-has tests && step tests 360 python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider --durations=15 -o faulthandler_timeout=150
+has tests && step tests "${TESTS_LIMIT:-360}" python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider --durations=15 -o faulthandler_timeout=150
 has gemv && step gemv 150 env TRITON_PRINT_AUTOTUNING=1 python3 benchmarks/gpu_gemv.py --out "$out/gemv.json"
 has attn && step attn 90 python3 benchmarks/gpu_attention.py
 has router && step router 60 python3 benchmarks/gpu_router_precision.py --out "$out/router.json"
