@@ -192,9 +192,11 @@ def test_loop_experts_add_shared_in_fp32() -> None:
 
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("epilogue", ["none", "relu2", "residual"])
-def test_dense_gemv_matches_linear(epilogue: str, rows: int, gemv_variant) -> None:
+def test_dense_gemv_matches_linear(epilogue: str, rows: int, gemv_variant, monkeypatch) -> None:
     """The decode-time dense GEMV (``BackendConfig(linear="triton")``) against F.linear (+ relu2, or
-    + a residual): one row (batch 1), and several (batch 3, one group on the grouped tiles)."""
+    + a residual): one row (batch 1), and several (one group on the grouped tiles; the model sends
+    only one row, ``MAX_DENSE_ROWS``)."""
+    monkeypatch.setattr(triton_experts, "MAX_DENSE_ROWS", 3)
     g = torch.Generator().manual_seed(3 + rows)
     x = torch.randn(rows, 1, 40, generator=g).to(DEVICE)  # [batch, 1 token, K]
     w = (torch.randn(24, 40, generator=g) / 4).to(DEVICE)

@@ -83,7 +83,7 @@ def main() -> int:
                                    {"K": 2688, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": triton_router.CHUNK_K,
                                     "INTERPRET": False, "PRECISION": None}, warps))
 
-    gemv, _, _ = triton_experts._kernel()
+    gemv = triton_experts._kernel()[0]
     # Every autotune config in bf16 (the model's dtype); fp32 on one config of each kind (each compile
     # costs about half a second). Routed experts with the shared expert as parts (PARTS=2) of the up
     # (token rows) and the down (own rows) projection; dense projections with each epilogue.

@@ -24,6 +24,32 @@ def _zero_padding(x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.T
     return x if padding_mask is None else x * padding_mask[..., None].to(x.dtype)
 
 
+# mamba-ssm's scan kernels autotune once per process per (chunk size, head dim, state size, dtypes),
+# not per length, so the first call's length decides for every later one. At a 128-token prompt the
+# candidates time within noise; on the H200 the config picked there ran the 8,192-token prefill's
+# chunk scan 1.5x slower (7.5 against 5.1 ms per forward of the Nano model). So the first scan of
+# each kind that is shorter than this runs once more beforehand, on zeros of this many tokens, where
+# the choice matters (about 30 MB and one autotune search, once per process).
+SCAN_TUNE_TOKENS = 4096
+_scan_tuned: set[tuple] = set()
+
+
+def _tune_scan_at_length(scan, x, dt, A, B, C, chunk_size: int, **kwargs) -> None:
+    key = (x.device, x.dtype, dt.dtype, B.dtype, tuple(x.shape[2:]), tuple(B.shape[2:]), chunk_size,
+           kwargs.get("D") is not None, kwargs.get("seq_idx") is not None)
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if key in _scan_tuned or capturing or torch.compiler.is_compiling():
+        return
+    _scan_tuned.add(key)
+    if x.shape[1] >= SCAN_TUNE_TOKENS:  # this call tunes at a long length itself
+        return
+    n = SCAN_TUNE_TOKENS
+    seq_idx = None if kwargs.pop("seq_idx", None) is None else torch.zeros(1, n, dtype=torch.int32, device=x.device)
+    kwargs.pop("initial_states", None)
+    scan(x.new_zeros(1, n, *x.shape[2:]), dt.new_zeros(1, n, *dt.shape[2:]), A, B.new_zeros(1, n, *B.shape[2:]),
+         C.new_zeros(1, n, *C.shape[2:]), chunk_size, seq_idx=seq_idx, **kwargs)
+
+
 class Mamba2(nn.Module):
     def __init__(self, config, layer_idx: int, backend: BackendConfig) -> None:
         super().__init__()
@@ -114,10 +140,13 @@ class Mamba2(nn.Module):
 
     def _scan(self, x, dt, A, B, C, seq_idx, initial_state):
         if resolve_mamba(self.backend, x.device.type) == "triton":
-            y, final = mamba_triton_ops()["chunk_scan"](
-                x, dt, A, B, C, self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-                dt_limit=self.dt_limit, seq_idx=seq_idx, initial_states=initial_state, return_final_states=True)
-            return y, final
+            scan = mamba_triton_ops()["chunk_scan"]
+            kwargs = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
+                          initial_states=initial_state, return_final_states=True)
+            if x.is_cuda:
+                with torch.no_grad():
+                    _tune_scan_at_length(scan, x, dt, A, B, C, self.chunk_size, **kwargs)
+            return scan(x, dt, A, B, C, self.chunk_size, **kwargs)
         return ssd_scan(x, dt, A, B, C, self.chunk_size, self.D, self.dt_bias, self.dt_limit, seq_idx, initial_state)
 
     def _step(self, ssm_state, x, dt, A, B, C):

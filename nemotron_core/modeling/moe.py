@@ -28,11 +28,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[N, H]`` -> (expert ids ``[N, k]``, fp32 weights ``[N, k]``)."""
-        # Inference on CUDA: two kernels, neither with a backward. The logits on tensor cores with
-        # IEEE-fp32 accuracy (triton_router; no fp32 copy of x), then one kernel for all of the rest.
+        # Inference on CUDA: the logits of a prefill on tensor cores with IEEE-fp32 accuracy
+        # (triton_router; no fp32 copy of x), then one kernel for all of the rest. Neither has a backward.
         fused = (self.n_group == 1 and x.is_cuda and triton_moe.usable(x)
                  and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
-        if fused and triton_router.supported(x, self.weight):
+        if fused and x.shape[0] >= triton_router.MIN_ROWS and triton_router.supported(x, self.weight):
             logits = triton_router.router_logits(x, self.weight)
         else:
             logits = F.linear(x.float(), self.weight.float())

@@ -19,6 +19,9 @@ from .triton_moe import combine_triton
 
 # Above this many (token, expert) slots a grouped GEMM reuses weights across tokens and wins.
 MAX_SLOTS = 64
+# A grouped tile finds its members through an [MG, S_P2] selection in registers (MG >= tokens rows,
+# S_P2 >= slots): above this many elements (e.g. 512 tokens: 512 x 4096) only plain tiles compile.
+MAX_GROUP_TILE = 8192
 
 
 # Configs (BLOCK_N, BLOCK_K, warps, GROUPED) the autotuner chooses from, per (N, K, slots); it caches
@@ -184,13 +187,14 @@ def _kernel():
             do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
         )(expert_gemv)
 
-    # Two tuners over one kernel: a dense projection (SINGLE) has no expert groups to try, and a
-    # model has many dense shapes, each searched once.
+    # Three tuners over one kernel: dense projections (SINGLE) have their own list, and so do inputs
+    # with too many slots for a grouped tile (``_gemv``).
     if interpreting():
-        experts = dense = tuned(configs)
+        experts = dense = plain = tuned(configs)
     else:
-        experts, dense = tuned(configs), tuned(_DENSE_CONFIGS)
-    return experts, dense, triton.cdiv
+        plain_configs = tuple(c for c in _CONFIGS if not c[3])
+        experts, dense, plain = tuned(configs), tuned(_DENSE_CONFIGS), tuned(plain_configs)
+    return experts, dense, plain, triton.cdiv
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_div: int | None, relu2: bool,
@@ -204,11 +208,15 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_di
     ``R + t * parts + j`` is part j of it applied to token t (x row t, or the slot's own row).
     ``residual`` (``[rows, N]``, optional) is added to row s in fp32 before the one rounding.
     """
-    experts_kernel, dense_kernel, cdiv = _kernel()
-    kernel = dense_kernel if experts is None else experts_kernel
+    experts_kernel, dense_kernel, plain_kernel, cdiv = _kernel()
     n, k = w.shape[1], w.shape[2]
     routed = experts.shape[0] if experts is not None else x.shape[0]
     rows = routed + tokens * parts
+    s_p2, mg = triton_moe._next_pow2(rows), max(16, triton_moe._next_pow2(tokens))
+    if s_p2 * mg > MAX_GROUP_TILE:  # a grouped tile would not fit: plain tiles only
+        kernel = plain_kernel
+    else:
+        kernel = dense_kernel if experts is None else experts_kernel
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (rows, cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     if shared_w is None:
@@ -223,15 +231,15 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_di
                  0 if residual is None else residual.stride(0), out.stride(0),
                  ROW_DIV=row_div or 1, OWN_ROW=row_div is None, PARTS=parts, RELU2=relu2,
                  HAS_RES=residual is not None, SINGLE=experts is None,
-                 S_P2=triton_moe._next_pow2(rows), MG=max(16, triton_moe._next_pow2(tokens)),
+                 S_P2=s_p2, MG=mg,
                  IEEE=x.dtype == torch.float32)
     return out
 
 
-# Dense projections of at most this many rows (decode, up to batch 16) may take the GEMV instead of
-# cuBLAS. The grouped tiles read the weights once for all rows (one tl.dot group of up to 16 rows);
-# the plain tiles re-read them per row, and the autotuner (keyed on the row count) weighs that.
-MAX_DENSE_ROWS = 16
+# Dense projections of at most this many rows (batch-1 decode) may take the GEMV instead of cuBLAS.
+# At 8 rows the grouped tiles, which read the weights once for all rows, still took 2 to 3 times
+# cuBLAS's time on the H200 (benchmarks/gpu_gemv.py), so batches stay with cuBLAS.
+MAX_DENSE_ROWS = 1
 
 
 def dense_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -79,11 +79,12 @@ def test_route_matches_router(n: int, norm: bool) -> None:
     assert rel(w, want_w) < 1e-6
 
 
-@pytest.mark.parametrize("n", [1, 8, 512, 4096])
+@pytest.mark.parametrize("n", [64, 512, 4096])
 def test_router_logits_as_accurate_as_cublas_fp32(n: int) -> None:
     """The tensor-core router GEMM (bf16 x, fp32 W cut into three exact bf16 parts, K chunks summed in
     IEEE fp32) against an fp64 reference: at most twice the error of cuBLAS's IEEE fp32 GEMM, and no
-    more changed expert choices than it."""
+    more changed expert choices than it. The model sends it prefills only (``MIN_ROWS`` rows or more);
+    a decode step keeps cuBLAS's GEMV."""
     _need_triton()
     from nemotron_core.modeling.moe import Router
     from nemotron_core.ops import triton_router
@@ -105,9 +106,9 @@ def test_router_logits_as_accurate_as_cublas_fp32(n: int) -> None:
 
     flips = [(choice(t) != choice(exact)).any(-1).sum().item() for t in (ours, cublas)]
     assert flips[0] <= flips[1], flips
-    with torch.no_grad():  # the model's router takes it on CUDA at inference
+    with torch.no_grad():  # the model's router takes it on CUDA at inference (its fp32 top-k as torch's)
         idx, _ = router(x)
-    assert torch.equal(idx.sort(-1).values, choice(ours))
+    assert torch.equal(idx.sort(-1).values, (ours.sigmoid() + bias).topk(TOP_K, dim=-1).indices.sort(-1).values)
 
 
 # ---- combine ----------------------------------------------------------------------------------------------
