@@ -223,19 +223,27 @@ def test_graph_prefill_matches_eager_prefill() -> None:
 
 
 def test_triton_linear_decode_matches_cublas() -> None:
-    """BackendConfig(linear="triton"): decode projections as Triton GEMVs (captured in the CUDA graph)
-    give the cuBLAS path's logits up to bf16 rounding (the sums run in another order)."""
+    """BackendConfig(linear="triton"): decode projections as Triton GEMVs (captured in the CUDA graph).
+    Both bf16 paths round at the same points, in another order, and over 6 decode steps of a random
+    model those differences grow: each is held against the same model in fp32, and the GEMV path may
+    be off by at most twice what the cuBLAS path is."""
+    import copy
+
     from nemotron_core.generation import Decoder
 
     model = _tiny_model("auto", torch.bfloat16)
+    reference = copy.deepcopy(model).float()  # the same weights, computed in fp32
     ids = torch.randint(3, 1000, (1, 12), device="cuda")
     tok = torch.randint(3, 1000, (6, 1), device="cuda")
     runs = []
-    for linear in ("torch", "triton"):
-        model.model.backend.linear = linear
-        dec = Decoder(model, 1, 64, cuda_graph=True)
+    for net, linear in ((reference, "torch"), (model, "torch"), (model, "triton")):
+        net.model.backend.linear = linear
+        dec = Decoder(net, 1, 64, cuda_graph=True)
         steps = [dec.prefill(ids, torch.ones_like(ids))] + [dec.step(t) for t in tok]
         assert dec.graph is not None
-        runs.append(torch.stack(steps))
+        runs.append(torch.stack(steps).float())
     model.model.backend.linear = "torch"
-    assert rel(runs[1], runs[0]) < 2e-2
+    err_cublas, err_gemv = rel(runs[1], runs[0]), rel(runs[2], runs[0])
+    print(f"bf16 decode against fp32: cuBLAS path {err_cublas:.2e}, GEMV path {err_gemv:.2e}, "
+          f"between them {rel(runs[2], runs[1]):.2e}")
+    assert err_gemv <= 2 * err_cublas
