@@ -131,6 +131,26 @@ def test_router_logits_match_fp64(n: int) -> None:
     assert not triton_router.supported(x.float(), w) and not triton_router.supported(x, w.bfloat16())
 
 
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_router_partials_add_up_to_the_logits(n: int) -> None:
+    """The decode router GEMM: partial sums over K slices (the last one partial), which the route
+    kernel adds up: same experts and weights as routing the summed logits."""
+    from nemotron_core.ops import triton_router
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 600, generator=g).bfloat16().to(DEVICE)  # 3 slices of 256, the last partial
+    w = (torch.randn(20, 600, generator=g) * 0.05).to(DEVICE)  # 20 experts: a partial block of 8
+    parts = triton_router.router_partials(x, w)
+    assert parts.shape == (3, n, 20) and parts.dtype == torch.float32
+    exact = x.double() @ w.double().t()
+    bound = 600 * 2.0 ** -24 * (x.double().abs() @ w.double().abs().t())  # fp32 dot products of length K
+    assert bool(((parts.double().sum(0) - exact).abs() <= bound).all())
+    bias = torch.randn(20, generator=g).to(DEVICE) * 0.05
+    idx, wts = triton_moe.route_triton(parts, bias, 4, 2.5, True)
+    want_idx, want_w = triton_moe.route_triton(parts[0] + parts[1] + parts[2], bias, 4, 2.5, True)
+    assert torch.equal(idx, want_idx) and tiny.rel_err(want_w, wts) <= TOL
+
+
 # ---- experts ----------------------------------------------------------------------------------------------
 @pytest.fixture(params=["per_slot", "grouped"])
 def gemv_variant(request, monkeypatch):

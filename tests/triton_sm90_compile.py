@@ -65,10 +65,12 @@ def main() -> int:
         results.append(compile_one(f"conv_update {dt}", conv_update, sig, {"K": 4, "HAS_BIAS": True, "BLOCK_C": 256}, 2))
 
     route, combine, _ = triton_moe._kernels()
-    sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "idx_ptr": "*i64", "w_ptr": "*fp32", **ints("N E stride_l"),
-           "scaling": "fp32"}
-    results.append(compile_one("moe_route", route, sig, {"TOPK": 6, "NORM": True, "PRECISE": True, "BLOCK_T": 8,
-                                                         "BLOCK_E": 128, "BLOCK_K": 8}))
+    sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "idx_ptr": "*i64", "w_ptr": "*fp32",
+           **ints("N E stride_p stride_l"), "scaling": "fp32"}
+    for parts in (1, 11):  # logits, or the decode router's partial sums
+        results.append(compile_one(f"moe_route parts={parts}", route, sig,
+                                   {"TOPK": 6, "NORM": True, "PRECISE": True, "PARTS": parts, "BLOCK_T": 8,
+                                    "BLOCK_E": 128, "BLOCK_K": 8}))
     sig = {**ptrs("y_ptr shared_ptr out_ptr", "bf16"), "pos_ptr": "*i64", "w_ptr": "*fp32", **ints("N H"),
            **ints("stride_y stride_pt stride_pk stride_wt stride_wk stride_s stride_o")}
     for implicit, shared, parts in ((True, True, 0), (False, False, 0), (True, True, 2)):
@@ -76,6 +78,12 @@ def main() -> int:
                                    {"TOPK": 6, "IMPLICIT_POS": implicit, "HAS_SHARED": shared, "PARTS": parts,
                                     "BLOCK_T": 16, "BLOCK_H": 256}))
 
+    partials, _ = triton_router._partials_kernel()
+    sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", **ints("M E K stride_xm stride_we stride_op stride_om")}
+    for block_m, warps in ((1, 4), (8, 8)):
+        results.append(compile_one(f"router_partials rows={block_m}", partials, sig,
+                                   {"BLOCK_M": block_m, "BLOCK_E": triton_router.SLICE_E,
+                                    "BLOCK_K": triton_router.SLICE_K}, warps))
     router, _ = triton_router._kernel()
     sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", **ints("M E K M_BUCKET stride_xm stride_we stride_om")}
     for bm, bn, warps in triton_router._CONFIGS:

@@ -86,16 +86,19 @@ def _kernels():
     from triton.language.extra import libdevice
 
     @triton.jit
-    def moe_route(logits_ptr, bias_ptr, idx_ptr, w_ptr, N, E, stride_l, scaling,
-                  TOPK: tl.constexpr, NORM: tl.constexpr, PRECISE: tl.constexpr,
+    def moe_route(logits_ptr, bias_ptr, idx_ptr, w_ptr, N, E, stride_p, stride_l, scaling,
+                  TOPK: tl.constexpr, NORM: tl.constexpr, PRECISE: tl.constexpr, PARTS: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         offs_e = tl.arange(0, BLOCK_E)
         offs_k = tl.arange(0, BLOCK_K)
         mask_t = offs_t < N
         valid_e = offs_e < E
-        logit = tl.load(logits_ptr + offs_t[:, None] * stride_l + offs_e[None, :],
-                        mask=mask_t[:, None] & valid_e[None, :], other=0.0).to(tl.float32)
+        # The logits, or PARTS partial sums of them (over slices of K), added here in a fixed order.
+        logit = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        for p in tl.static_range(PARTS):
+            logit += tl.load(logits_ptr + p * stride_p + offs_t[:, None] * stride_l + offs_e[None, :],
+                             mask=mask_t[:, None] & valid_e[None, :], other=0.0).to(tl.float32)
         # torch computes sigmoid as 1 / (1 + expf(-x)) with an IEEE exp and divide; doing the same
         # (rather than tl.sigmoid's approximate ex2 and division) keeps the chosen experts identical
         # to the torch router's whenever two scores are within a few ulps. The interpreter has no
@@ -169,16 +172,18 @@ def _kernels():
 
 def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: float,
                  norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``n_group == 1`` router from its logits ``[N, E]`` (``x @ W^T``, pre-sigmoid).
+    """The ``n_group == 1`` router from its logits ``[N, E]`` (``x @ W^T``, pre-sigmoid), or from
+    partial sums of them ``[P, N, E]`` (``triton_router.router_partials``), added in a fixed order.
 
     Returns expert ids (int64 ``[N, k]``, in descending order of ``sigmoid(logit) + bias``, the lower
     id first on ties) and their fp32 weights ``[N, k]``: ``sigmoid(logit)`` at those ids, normalised
     to sum 1 (``/ (sum + 1e-20)``) when ``norm_topk_prob``, times ``scaling``. The math of
     ``nemotron_core.modeling.moe.Router.forward``, in one launch.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [N, E], got {tuple(logits.shape)}")
-    n, n_exp = logits.shape
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [N, E] or [P, N, E], got {tuple(logits.shape)}")
+    parts = logits if logits.dim() == 3 else logits[None]
+    n, n_exp = logits.shape[-2:]
     if bias.shape != (n_exp,):
         raise ValueError(f"bias must be [{n_exp}], got {tuple(bias.shape)}")
     if not 1 <= top_k <= min(n_exp, MAX_TOP_K) or n_exp > MAX_EXPERTS:
@@ -188,16 +193,19 @@ def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: 
     weights = torch.empty(n, top_k, dtype=torch.float32, device=logits.device)
     if n == 0:
         return idx, weights
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
+    if parts.stride(-1) != 1:
+        parts = parts.contiguous()
     route, _, cdiv = _kernels()
     block_e = _next_pow2(n_exp)
     # A few tokens per program for small expert counts, so a program holds ~1k scores.
     block_t = min(_next_pow2(n), max(1, 1024 // block_e))
     route[(cdiv(n, block_t),)](
-        logits, bias.contiguous(), idx, weights, n, n_exp, logits.stride(0), float(scaling),
-        TOPK=top_k, NORM=bool(norm_topk_prob), PRECISE=not interpreting(),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k), num_warps=4)
+        parts, bias.contiguous(), idx, weights, n, n_exp, parts.stride(0), parts.stride(1), float(scaling),
+        TOPK=top_k, NORM=bool(norm_topk_prob), PRECISE=not interpreting(), PARTS=parts.shape[0],
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k),
+        # One token's row (a batch-1 decode step) in one warp: its 3 * top_k reductions are then warp
+        # shuffles, with no shared-memory round trips and barriers between the warps.
+        num_warps=1 if block_t * block_e <= 512 else 4)
     return idx, weights
 
 

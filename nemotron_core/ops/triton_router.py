@@ -15,7 +15,10 @@ one changed choice for cuBLAS's fp32 GEMM; without the chunks (one MMA chain ove
 This kernel with an uncompensated chunk sum: 5e-7, 0.13 against 0.19 ms per call.
 
 It serves prefill-sized inputs (``MIN_ROWS``): at decode, one row, its many small MMAs per chunk took
-23 us per layer on the H200 against about 7 us for the cast and cuBLAS's GEMV, which is also exact.
+23 us per layer on the H200. A decode step takes ``router_partials`` instead: fp32 products and sums
+on the CUDA cores over slices of K, all loads of a program issued at once, and the route kernel adds
+the slices. That replaces cuBLAS's GEMV, its reduction kernel and the cast of x to fp32 (about 7 us
+a layer, 23 layers a token, at batch 1).
 
 The kernel also runs under Triton's interpreter (CPU tests).
 """
@@ -34,6 +37,34 @@ CHUNK_K = 64
 # (BLOCK_M, BLOCK_N, warps) the autotuner picks from, per bucket of the row count.
 _CONFIGS = ((64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8))
 INTERPRETER_CONFIG = 0
+
+
+# router_partials: K slice per program (one straight load, no loop) and experts per program.
+SLICE_K, SLICE_E = 256, 8
+
+
+@functools.lru_cache(maxsize=None)
+def _partials_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def router_partials(x_ptr, w_ptr, out_ptr, M, E, K, stride_xm, stride_we, stride_op, stride_om,
+                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program (expert block, K slice, row block) writes partial sum number "slice" of its logits.
+        k_slice = tl.program_id(1)
+        offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+        offs_k = k_slice * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_e[:, None] * stride_we + offs_k[None, :],
+                    mask=(offs_e[:, None] < E) & (offs_k[None, :] < K), other=0.0)
+        part = tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BLOCK_M, BLOCK_E], a tree sum over the slice
+        tl.store(out_ptr + k_slice * stride_op + offs_m[:, None] * stride_om + offs_e[None, :], part,
+                 mask=(offs_m[:, None] < M) & (offs_e[None, :] < E))
+
+    return router_partials, triton.cdiv
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,4 +141,24 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     interpret = interpreting()
     kernel[grid](x, weight, out, n, e, k, min(_next_pow2(n), 1024), x.stride(0), weight.stride(0), out.stride(0),
                  INTERPRET=interpret, PRECISION="ieee" if interpret else None)
+    return out
+
+
+def router_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x.float() @ weight.T`` as partial sums over slices of K, ``[ceil(K / SLICE_K), N, E]`` fp32, for
+    ``triton_moe.route_triton`` to add up; for a few rows (a decode step) with ``supported`` inputs."""
+    if not supported(x, weight):
+        raise ValueError(f"router_partials takes bf16 x and an fp32 weight with contiguous rows "
+                         f"(got {x.dtype} {tuple(x.shape)}, {weight.dtype} {tuple(weight.shape)})")
+    n, k = x.shape
+    e = weight.shape[0]
+    kernel, cdiv = _partials_kernel()
+    slices = cdiv(k, SLICE_K)
+    out = torch.empty(slices, n, e, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return out
+    block_m = min(_next_pow2(n), 8)
+    kernel[(cdiv(e, SLICE_E), slices, cdiv(n, block_m))](
+        x, weight, out, n, e, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
+        BLOCK_M=block_m, BLOCK_E=SLICE_E, BLOCK_K=SLICE_K, num_warps=8 if block_m >= 8 else 4)
     return out

@@ -79,12 +79,12 @@ def test_route_matches_router(n: int, norm: bool) -> None:
     assert rel(w, want_w) < 1e-6
 
 
-@pytest.mark.parametrize("n", [64, 512, 4096])
+@pytest.mark.parametrize("n", [1, 8, 64, 512, 4096])
 def test_router_logits_as_accurate_as_cublas_fp32(n: int) -> None:
-    """The tensor-core router GEMM (bf16 x, fp32 W cut into three exact bf16 parts, K chunks summed in
-    IEEE fp32) against an fp64 reference: at most twice the error of cuBLAS's IEEE fp32 GEMM, and no
-    more changed expert choices than it. The model sends it prefills only (``MIN_ROWS`` rows or more);
-    a decode step keeps cuBLAS's GEMV."""
+    """The router GEMMs against an fp64 reference: at most twice the error of cuBLAS's IEEE fp32 GEMM
+    (a GEMV at 1 and 8 rows), and no more changed expert choices than it. From ``MIN_ROWS`` rows the
+    tensor-core kernel (bf16 x, fp32 W cut into three exact bf16 parts, K chunks summed in IEEE fp32);
+    below, a decode step's partial sums over K, added up by the route kernel."""
     _need_triton()
     from nemotron_core.modeling.moe import Router
     from nemotron_core.ops import triton_router
@@ -96,7 +96,11 @@ def test_router_logits_as_accurate_as_cublas_fp32(n: int) -> None:
     x = torch.randn(n, HIDDEN, device="cuda").bfloat16()
     w, bias = router.weight.detach(), router.e_score_correction_bias
     exact = x.double() @ w.double().t()
-    ours, cublas = triton_router.router_logits(x, w), F.linear(x.float(), w)
+    if n >= triton_router.MIN_ROWS:
+        ours = triton_router.router_logits(x, w)
+    else:
+        ours = triton_router.router_partials(x, w).sum(0)  # the slices in order, as the route kernel adds them
+    cublas = F.linear(x.float(), w)
     assert ours.dtype == torch.float32 and ours.shape == (n, N_EXP)
     err_ours, err_cublas = ((t.double() - exact).abs().max().item() for t in (ours, cublas))
     assert err_ours <= 2 * err_cublas, (err_ours, err_cublas)
