@@ -28,16 +28,16 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[N, H]`` -> (expert ids ``[N, k]``, fp32 weights ``[N, k]``)."""
-        # Inference on CUDA: the logits (triton_router: a prefill's on tensor cores with IEEE-fp32
-        # accuracy, a decode step's as partial sums over K; no fp32 copy of x), then one kernel for
-        # all of the rest. None of them has a backward.
+        # Inference on CUDA: the logits (triton_router: a long prefill's on tensor cores with
+        # IEEE-fp32 accuracy, a decode step's as partial sums over K; no fp32 copy of x), then one
+        # kernel for all of the rest. None of them has a backward.
         fused = (self.n_group == 1 and x.is_cuda and triton_moe.usable(x)
                  and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
-        if fused and triton_router.supported(x, self.weight):
-            if x.shape[0] >= triton_router.MIN_ROWS:
-                logits = triton_router.router_logits(x, self.weight)
-            else:
-                logits = triton_router.router_partials(x, self.weight)  # [slices, N, E]
+        rows = x.shape[0]
+        if fused and rows >= triton_router.MIN_ROWS and triton_router.supported(x, self.weight):
+            logits = triton_router.router_logits(x, self.weight)
+        elif fused and rows < triton_router.DECODE_ROWS and triton_router.supported(x, self.weight):
+            logits = triton_router.router_partials(x, self.weight)  # [slices, N, E]
         else:
             logits = F.linear(x.float(), self.weight.float())
         if fused:

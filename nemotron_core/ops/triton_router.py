@@ -12,15 +12,17 @@ gets fresh accumulators and the chunks are summed in IEEE fp32, compensated (Kah
 the H200 against an fp64 reference (``benchmarks/gpu_router_precision.py``, 8,192 tokens), the
 scheme as separate torch GEMMs: relative error 2.7e-7, no changed expert choice, against 7.5e-7 and
 one changed choice for cuBLAS's fp32 GEMM; without the chunks (one MMA chain over all of K) 3.4e-6.
-This kernel with an uncompensated chunk sum: 5e-7, 0.13 against 0.19 ms per call.
+This kernel: 3.8e-7 and one changed choice, 0.067 ms per call (5e-7 with a plain running sum).
 
-It serves prefill-sized inputs (``MIN_ROWS``): at decode, one row, its many small MMAs per chunk took
-23 us per layer on the H200. A decode step takes ``router_partials`` instead: fp32 products and sums
-on the CUDA cores over slices of K, all loads of a program issued at once, and the route kernel adds
-the slices. That replaces cuBLAS's GEMV, its reduction kernel and the cast of x to fp32 (about 7 us
-a layer, 23 layers a token, at batch 1).
+Its time hardly depends on the row count below about 8,192 rows (each program runs the 42 chunks
+one after another): 55 us per layer at 128 rows, 67 us at 8,192 on the H200, against 0.19 ms for
+cuBLAS's fp32 GEMM and cast at 8,192 rows, which scale with the rows. So it serves long prefills
+(``MIN_ROWS``), cuBLAS the rows between. A decode step (fewer than ``DECODE_ROWS``) takes
+``router_partials``: fp32 products and sums on the CUDA cores over slices of K, all loads of a
+program issued at once, and the route kernel adds the slices. That replaced cuBLAS's GEMV, its
+reduction kernel and the cast of x to fp32: 10.8 us of kernels a layer became 5.2 us at batch 1.
 
-The kernel also runs under Triton's interpreter (CPU tests).
+The kernels also run under Triton's interpreter (CPU tests).
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ import torch
 
 from .triton_moe import _next_pow2, interpreting, usable
 
-# Fewer rows than this (decode) stay with cuBLAS (see the module docstring).
-MIN_ROWS = 64
+# router_logits from this many rows, router_partials below DECODE_ROWS, cuBLAS between (see above).
+MIN_ROWS = 2048
+DECODE_ROWS = 64
 # K chunk whose products the tensor cores sum before IEEE fp32 takes over (see the module docstring).
 CHUNK_K = 64
 # (BLOCK_M, BLOCK_N, warps) the autotuner picks from, per bucket of the row count.
