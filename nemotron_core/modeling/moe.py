@@ -146,7 +146,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, meta=None, cache=None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The block's output; with ``residual``, ``residual + output`` (the residual joins the shared
-        expert's output, inside its down projection's GEMM where possible)."""
+        expert's output inside its down projection's GEMM, or, at decode, the experts' combine)."""
         flat = x.reshape(-1, x.shape[-1])
         idx, weights = self.gate(flat)
         residual = None if residual is None else residual.reshape(flat.shape)
