@@ -26,17 +26,17 @@ mkdir -p "$TRITON_CACHE_DIR"
 if compgen -G ".triton-cache-pack/triton-cache.txz.*" > /dev/null; then
   cat .triton-cache-pack/triton-cache.txz.* | xz -d | tar xf - -C "$TRITON_CACHE_DIR" && echo "triton cache unpacked"
 fi
-save_cache() {
+finish() {  # bundle the results; return the cache unless SAVE_CACHE=0
   local files
   files=$(cd "$out" && ls | grep -v -e '^summary.txt$' -e '^results.tgz$' -e '^triton-cache.txz')
   [ -n "$files" ] && (cd "$out" && tar czf results.tgz --remove-files $files)
-  [ -n "${SKIP_CACHE:-}" ] && return
+  [ "${SAVE_CACHE:-1}" = 1 ] || return 0
   tar cf - -C "$TRITON_CACHE_DIR" . | xz -T0 -6 | split -b 15m -d - "$out/triton-cache.txz."
   if [ "$(ls "$out"/triton-cache.txz.* | wc -l)" -gt 4 ]; then
     rm -f "$out"/triton-cache.txz.*; echo "triton cache too large to return" | tee -a "$out/summary.txt"
   fi
 }
-[ "${SAVE_CACHE:-1}" = 1 ] && trap save_cache EXIT || trap 'SKIP_CACHE=1 save_cache' EXIT
+trap finish EXIT
 has() { [[ ",$parts," == *",$1,"* ]]; }
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2

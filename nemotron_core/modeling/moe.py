@@ -33,10 +33,10 @@ class Router(nn.Module):
         # kernel for all of the rest. None of them has a backward.
         fused = (self.n_group == 1 and x.is_cuda and triton_moe.usable(x)
                  and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
-        rows = x.shape[0]
-        if fused and rows >= triton_router.MIN_ROWS and triton_router.supported(x, self.weight):
+        ours = fused and triton_router.supported(x, self.weight)
+        if ours and x.shape[0] >= triton_router.MIN_ROWS:
             logits = triton_router.router_logits(x, self.weight)
-        elif fused and rows < triton_router.DECODE_ROWS and triton_router.supported(x, self.weight):
+        elif ours and x.shape[0] < triton_router.DECODE_ROWS:
             logits = triton_router.router_partials(x, self.weight)  # [slices, N, E]
         else:
             logits = F.linear(x.float(), self.weight.float())

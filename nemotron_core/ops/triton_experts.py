@@ -37,10 +37,10 @@ _PLAIN_TILES = ((32, 256, 8), (16, 512, 8))
 _GROUPED_TILES = ((32, 128, 4), (64, 128, 4), (32, 256, 8), (64, 256, 8))
 _CONFIGS = (tuple((bn, bk, w, False) for bn, bk, w in _PLAIN_TILES)
             + tuple((bn, bk, w, True) for bn, bk, w in _GROUPED_TILES))
-# Dense projections of a few rows (BackendConfig(linear="triton")): among the plain tiles (16, 512, 8)
-# won every dense decode shape of the Nano model on the H200, but stayed slower than cuBLAS. The
-# grouped tiles stream the weights through tl.dot's pipelined loads, as they do for the experts, and
-# 16-wide ones give N = 2688 projections 168 programs rather than 84 for the 132 SMs.
+# Dense projections (BackendConfig(linear="triton")): the grouped tiles stream the weights through
+# tl.dot's pipelined loads, as they do for the experts, and 16-wide ones give N = 2688 projections
+# 168 programs rather than 84 for the 132 SMs. On the H200 a grouped tile won every dense decode
+# shape of the Nano model at one row (gpu_gemv.py's autotune log), though cuBLAS stays faster.
 _DENSE_CONFIGS = (tuple((bn, bk, w, False) for bn, bk, w in _PLAIN_TILES)
                   + tuple((bn, bk, w, True) for bn, bk, w in _GROUPED_TILES + ((16, 256, 4), (16, 512, 8))))
 # The interpreter (CPU tests) cannot time configs: it runs this one (tests switch it, then rebuild).

@@ -129,11 +129,15 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.stride(-1) == 1 and weight.stride(-1) == 1 and usable(x))
 
 
+def _require_supported(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if not supported(x, weight):
+        raise ValueError(f"{name} takes bf16 x and an fp32 weight with contiguous rows "
+                         f"(got {x.dtype} {tuple(x.shape)}, {weight.dtype} {tuple(weight.shape)})")
+
+
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x.float() @ weight.T`` in fp32 (``[N, E]``), from bf16 ``x [N, K]`` and fp32 ``weight [E, K]``."""
-    if not supported(x, weight):
-        raise ValueError(f"router_logits takes bf16 x and an fp32 weight with contiguous rows "
-                         f"(got {x.dtype} {tuple(x.shape)}, {weight.dtype} {tuple(weight.shape)})")
+    _require_supported("router_logits", x, weight)
     n, k = x.shape
     e = weight.shape[0]
     out = torch.empty(n, e, dtype=torch.float32, device=x.device)
@@ -150,9 +154,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def router_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x.float() @ weight.T`` as partial sums over slices of K, ``[ceil(K / SLICE_K), N, E]`` fp32, for
     ``triton_moe.route_triton`` to add up; for a few rows (a decode step) with ``supported`` inputs."""
-    if not supported(x, weight):
-        raise ValueError(f"router_partials takes bf16 x and an fp32 weight with contiguous rows "
-                         f"(got {x.dtype} {tuple(x.shape)}, {weight.dtype} {tuple(weight.shape)})")
+    _require_supported("router_partials", x, weight)
     n, k = x.shape
     e = weight.shape[0]
     kernel, cdiv = _partials_kernel()
