@@ -28,6 +28,7 @@ class BatchMeta:
     max_seqlen: int | None = None
     position_ids: torch.Tensor | None = None
     decode_pos: torch.Tensor | None = None  # static-shape decode: device index of the step being written
+    residual_writable: bool = False  # a block may add its output into its input (set by run_layers)
     _attn_mask: torch.Tensor | None = None
     _attn_mask_built: bool = False
     _flex_mask: object = None

@@ -179,7 +179,7 @@ class Decoder:
         """The blocks over ``ids`` into the cache, without validation or host syncs (capturable):
         fp32 logits of the last position."""
         m = self.model
-        hidden = m.model.run_layers(m.model.embed_tokens(ids), meta, self.cache)
+        hidden = m.model.run_layers(m.model.embed_tokens(ids), meta, self.cache, owned=True)
         return m.lm_head(hidden[:, -1]).float()
 
     def _uncapturable(self, tokens: int) -> str | None:

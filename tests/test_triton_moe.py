@@ -333,3 +333,78 @@ def test_moe_block_runs_shared_expert_inside_the_decode_gemv(monkeypatch) -> Non
             assert calls == [False]  # routed experts only
         assert got.shape == want.shape and tiny.rel_err(want, got) <= TOL
         assert tiny.rel_err(want, with_adapter) <= TOL  # LoRA B starts at zero: the same function
+
+
+# ---- norms folded into the decode kernels ------------------------------------------------------------------
+def _bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference in units of bf16's spacing at the reference value."""
+    spacing = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(1e-6)
+    return ((got.float() - want.float()).abs() / spacing).max().item()
+
+
+@pytest.mark.parametrize("n", [1, 9])
+def test_router_partials_fold_the_rms_norm(n: int) -> None:
+    """With ``norm``, the partial logits are those of the normalised rows, and the normalised rows
+    come back as the norm would return them (within one bf16 rounding: the mean square is summed in
+    another order)."""
+    from nemotron_core.ops import triton_router
+
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, 600, generator=g) * 3).bfloat16().to(DEVICE)
+    w = (torch.randn(20, 600, generator=g) * 0.05).to(DEVICE)
+    gain = (torch.rand(600, generator=g) + 0.5).bfloat16().to(DEVICE)
+    want_xn = F.rms_norm(x.float(), (600,), gain.float(), 1e-5).bfloat16()
+    parts, xn = triton_router.router_partials(x, w, norm=(gain, 1e-5))
+    assert xn.shape == x.shape and xn.dtype == x.dtype
+    assert _bf16_ulps(xn, want_xn) <= 1.0
+    # The logits are exactly the plain kernel's on the normalised rows it returned.
+    assert torch.equal(parts, triton_router.router_partials(xn, w))
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_combine_returns_the_next_norm_of_its_output(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    k, h = 3, 300  # whole rows in one program: BLOCK_H = 512, masked past 300
+    y = torch.randn(n * (k + 2), h, generator=g).bfloat16().to(DEVICE)
+    w = torch.rand(n, k, generator=g).to(DEVICE)
+    shared = torch.randn(n, h, generator=g).bfloat16().to(DEVICE)
+    gain = (torch.rand(h, generator=g) + 0.5).bfloat16().to(DEVICE)
+    plain = triton_moe.combine_triton(y, None, w, shared, shared_parts=2)
+    out, normed = triton_moe.combine_triton(y, None, w, shared, shared_parts=2, next_norm=(gain, 1e-5))
+    assert torch.equal(out, plain)
+    want = F.rms_norm(plain.float(), (h,), gain.float(), 1e-5).bfloat16()
+    assert normed.dtype == torch.bfloat16 and _bf16_ulps(normed, want) <= 1.0
+
+
+@pytest.mark.skipif(CUDA, reason="tests/gpu covers the CUDA model path")
+@torch.no_grad()
+def test_moe_decode_with_norms_equals_the_block_with_its_norms(monkeypatch) -> None:
+    """``MoE.decode_with_norms``: ``x + moe(norm(x))`` and the next block's ``norm`` of it, with both
+    norms inside the MoE kernels, equal the block run with separate norms (bf16: within a bf16 rounding
+    or two, as the folded mean squares are summed in another order); also when the previous block
+    passes the normalised input in."""
+    from nemotron_core.create import build_config, random_model
+    from nemotron_core.modeling import moe
+    from nemotron_core.modeling.model import Block
+
+    model = random_model(build_config("tiny"), torch.bfloat16, seed=0)
+    layers = list(model.model.layers.values())
+    i = next(j for j, b in enumerate(layers) if isinstance(b.mixer, moe.MoE))
+    block, after = layers[i], layers[i + 1].norm
+    # The interpreter stands in for the GPU (the model folds norms on CUDA only).
+    monkeypatch.setattr(moe.Router, "folds_norm", lambda self, x: x.dtype == torch.bfloat16)
+    monkeypatch.setattr(triton_experts, "takes", lambda device, slots: slots <= triton_experts.MAX_SLOTS)
+    monkeypatch.setattr(moe, "_decode_gemv", lambda x, idx, up, down: idx.numel() <= triton_experts.MAX_SLOTS)
+    g = torch.Generator().manual_seed(5)
+    for n_tok in (1, 3):
+        x = (torch.randn(n_tok, 1, 64, generator=g) * 2).bfloat16()
+        want = block.mixer(block.norm(x), residual=x)  # the same GEMV kernels, norms separate
+        want_next = after(want)
+        for normed in (None, block.norm(x)):
+            out, nxt = block.mixer.decode_with_norms(x, block.norm, normed, after)
+            assert out.shape == x.shape and nxt.shape == x.shape
+            assert tiny.rel_err(want.float(), out.float()) <= 1e-2
+            assert tiny.rel_err(want_next.float(), nxt.float()) <= 1e-2
+        out, nxt = block.mixer.decode_with_norms(x, block.norm, None, None)
+        assert nxt is None and tiny.rel_err(want.float(), out.float()) <= 1e-2
+        assert isinstance(block, Block)

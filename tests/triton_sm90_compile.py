@@ -16,17 +16,25 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from nemotron_core.ops import triton_act, triton_ce, triton_conv, triton_experts, triton_moe, triton_router  # noqa: E402,E501
+from nemotron_core.ops import triton_decode_attn  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_one(name: str, fn, sig: dict[str, str], consts: dict, warps: int = 4) -> bool:
+def compile_one(name: str, fn, sig: dict[str, str], consts: dict, warps: int = 4, aligned: str = "",
+                stages: int | None = None) -> bool:
+    """``aligned``: arguments to specialise as multiples of 16 (pointers: 16-byte aligned), as a launch
+    does for such values; it is what lets loops pipeline their loads (cp.async), so a kernel whose
+    real launch gets it is best compiled with it. ``stages``: num_stages, where the launch sets it."""
     if isinstance(fn, triton.runtime.Autotuner):
         fn = fn.fn
     signature = {k: ("constexpr" if k in consts else v) for k, v in sig.items()}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned.split()}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    options = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
     try:
-        triton.compile(src, target=TARGET, options={"num_warps": warps})
+        triton.compile(src, target=TARGET, options=options)
     except Exception as e:  # noqa: BLE001 - report every failure, then fail the run
         print(f"FAIL {name}: {type(e).__name__}: {str(e)[:1500]}")
         return False
@@ -71,19 +79,25 @@ def main() -> int:
         results.append(compile_one(f"moe_route parts={parts}", route, sig,
                                    {"TOPK": 6, "NORM": True, "PRECISE": True, "PARTS": parts, "BLOCK_T": 8,
                                     "BLOCK_E": 128, "BLOCK_K": 8}))
-    sig = {**ptrs("y_ptr shared_ptr out_ptr", "bf16"), "pos_ptr": "*i64", "w_ptr": "*fp32", **ints("N H"),
-           **ints("stride_y stride_pt stride_pk stride_wt stride_wk stride_s stride_o")}
-    for implicit, shared, parts in ((True, True, 0), (False, False, 0), (True, True, 2)):
-        results.append(compile_one(f"moe_combine implicit={implicit} shared={shared} parts={parts}", combine, sig,
+    sig = {**ptrs("y_ptr shared_ptr out_ptr g_ptr normed_ptr", "bf16"), "pos_ptr": "*i64", "w_ptr": "*fp32",
+           **ints("N H"), **ints("stride_y stride_pt stride_pk stride_wt stride_wk stride_s stride_o stride_n"),
+           "eps": "fp32"}
+    for implicit, shared, parts, norm in ((True, True, 0, False), (False, False, 0, False), (True, True, 2, False),
+                                          (True, True, 2, True)):
+        results.append(compile_one(f"moe_combine implicit={implicit} shared={shared} parts={parts} next_norm={norm}",
+                                   combine, sig,
                                    {"TOPK": 6, "IMPLICIT_POS": implicit, "HAS_SHARED": shared, "PARTS": parts,
-                                    "BLOCK_T": 16, "BLOCK_H": 256}))
+                                    "BLOCK_T": 1 if norm else 16, "BLOCK_H": 4096 if norm else 256,
+                                    "NEXT_NORM": norm}, 8 if norm else 4))
 
     partials, _ = triton_router._partials_kernel()
-    sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", **ints("M E K stride_xm stride_we stride_op stride_om")}
+    sig = {**ptrs("x_ptr xn_ptr g_ptr", "bf16"), "w_ptr": "*fp32", "out_ptr": "*fp32",
+           **ints("M E K stride_xm stride_we stride_op stride_om stride_nm"), "eps": "fp32"}
     for block_m, warps in ((1, 4), (8, 8)):
-        results.append(compile_one(f"router_partials rows={block_m}", partials, sig,
-                                   {"BLOCK_M": block_m, "BLOCK_E": triton_router.SLICE_E,
-                                    "BLOCK_K": triton_router.SLICE_K}, warps))
+        for norm in (False, True):
+            results.append(compile_one(f"router_partials rows={block_m} norm={norm}", partials, sig,
+                                       {"K": 2688, "BLOCK_M": block_m, "BLOCK_E": triton_router.SLICE_E,
+                                        "BLOCK_K": triton_router.SLICE_K, "NORM": norm, "ROW_K": 1024 // block_m}, warps))
     router, _ = triton_router._kernel()
     sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", **ints("M E K M_BUCKET stride_xm stride_we stride_om")}
     for bm, bn, warps in triton_router._CONFIGS:
@@ -138,6 +152,30 @@ def main() -> int:
         sig = {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "lse_ptr": "*fp32", "grad_ptr": "*fp32",
                "dlogits_ptr": f"*{dt}", "stride_row": "i64", "stride_drow": "i64", "ignore_index": "i64"}
         results.append(compile_one(f"ce_bwd {dt}", ce_bwd, sig, consts, 8))
+
+    # Flash-decoding at the Nano shape (Hq=32, Hkv=2, D=128: groups of 16; 4096 positions, batch 8 and
+    # 1), and a group of 4 padded to tl.dot's 16 rows; a long cache's split count for the combine.
+    # Aligned as in a real launch (the cache strides and the pointers are multiples of 16), so the
+    # K/V loads pipeline.
+    partial, combine = triton_decode_attn._kernels()
+    for dt, g, d, batch in (("bf16", 16, 128, 8), ("bf16", 16, 128, 1), ("bf16", 4, 128, 1), ("fp16", 16, 64, 1),
+                            ("fp32", 16, 128, 8)):
+        elem = 4 if dt == "fp32" else 2
+        chunk, splits = triton_decode_attn.split_plan(4096, batch * 2, 132)
+        sig = {**ptrs("q_ptr kn_ptr vn_ptr kc_ptr vc_ptr", dt), "pos_ptr": "*i64", "valid_ptr": "*u8",
+               **ptrs("m_ptr l_ptr o_ptr", "fp32"),
+               **ints("HKV L stride_qb stride_qh stride_kb stride_kh stride_vb stride_vh stride_cb stride_ch "
+                      "stride_cl stride_mb"), "qk_scale": "fp32"}
+        consts = {"G": g, "G_PAD": max(16, g), "D": d, "SPLITS": splits, "CHUNK": chunk,
+                  "BLOCK": triton_decode_attn._block(d, elem), "IEEE": dt == "fp32", "INTERPRET": False}
+        results.append(compile_one(f"decode_attn_partial {dt} G={g} D={d} chunk={chunk}", partial, sig, consts,
+                                   aligned="q_ptr kn_ptr vn_ptr kc_ptr vc_ptr m_ptr l_ptr o_ptr valid_ptr stride_kb "
+                                           "stride_vb stride_cb stride_ch stride_cl stride_mb",
+                                   stages=2))
+    for dt, splits in (("bf16", 64), ("bf16", 128), ("fp32", 3)):
+        sig = {**ptrs("m_ptr l_ptr o_ptr", "fp32"), "out_ptr": f"*{dt}"}
+        results.append(compile_one(f"decode_attn_combine {dt} splits={splits}", combine, sig,
+                                   {"SPLITS": splits, "D": 128, "BLOCK_S": min(16, triton_moe._next_pow2(splits))}, 2))
     print(f"{sum(results)} of {len(results)} kernel variants compiled for sm_90")
     return 0 if all(results) else 1
 

@@ -108,7 +108,7 @@ class Mamba2(nn.Module):
             # Under autocast the projection casts for itself; a cast to the (fp32) residual dtype
             # here would cost two full passes over y forward and two more backward.
             y = y.to(self.out_proj.weight.dtype)
-        return add_linear(residual, self.out_proj, y)
+        return add_linear(residual, self.out_proj, y, meta)
 
     def _A(self) -> torch.Tensor:
         """``A = -exp(A_log)``; without autograd it is cached until ``A_log`` changes (two kernels

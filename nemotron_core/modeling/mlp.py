@@ -19,4 +19,4 @@ class MLP(nn.Module):
         up = self.up_proj
         # An adapter wrapper (LoRA) is not a Linear: it takes the plain path.
         h = up.relu2_forward(x) if isinstance(up, Linear) else relu2(up(x))
-        return add_linear(residual, self.down_proj, h)
+        return add_linear(residual, self.down_proj, h, meta)

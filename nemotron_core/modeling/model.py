@@ -30,6 +30,11 @@ from .moe import MoE
 from .norms import RMSNorm
 
 
+# Inference folds RMSNorms into the MoE decode kernels (``Block.forward_folding_norms``); a switch for
+# benchmarks (``benchmarks/gpu_ab.py``) and tests.
+FOLD_NORMS = True
+
+
 def make_mixer(block_type: str, config: NemotronHConfig, layer_idx: int, backend: BackendConfig) -> nn.Module:
     if block_type == MAMBA:
         return Mamba2(config, layer_idx, backend)
@@ -55,6 +60,17 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, meta: BatchMeta, cache=None) -> torch.Tensor:
         # The mixer adds x to its output projection (often inside that GEMM: see add_linear).
         return self.mixer(self.norm(x), meta, cache, residual=x)
+
+    def forward_folding_norms(self, x: torch.Tensor, meta: BatchMeta, cache, normed: torch.Tensor | None,
+                              next_norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward`` for inference (``run_layers``), where a block may fold norms into its kernels:
+        ``normed`` is ``self.norm(x)`` when the previous block already computed it; returns (output,
+        ``next_norm(output)`` or None). Only MoE blocks at decode fold (``MoE.decode_with_norms``)."""
+        if type(self.norm) is RMSNorm and isinstance(self.mixer, MoE) and type(next_norm) in (RMSNorm, type(None)):
+            done = self.mixer.decode_with_norms(x, self.norm, normed, next_norm)
+            if done is not None:
+                return done
+        return self.mixer(self.norm(x) if normed is None else normed, meta, cache, residual=x), None
 
 
 @torch.no_grad()
@@ -123,17 +139,39 @@ class NemotronV3Model(nn.Module):
         if meta is None:
             meta = self.batch_meta(hidden.shape[0], hidden.shape[1], hidden.device, attention_mask,
                                    past_key_values, **kwargs)
-        return self.run_layers(hidden, meta, past_key_values, kwargs.get("hidden_states_sink"))
+        return self.run_layers(hidden, meta, past_key_values, kwargs.get("hidden_states_sink"),
+                               owned=input_ids is not None)
 
     def run_layers(self, hidden: torch.Tensor, meta: BatchMeta, cache=None,
-                   sink: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The blocks and the final norm, without input validation (the decode loop calls this)."""
-        for layer in self.layers.values():
-            if sink is not None:
-                sink.append(hidden)
-            hidden = layer(hidden, meta, cache)
+                   sink: list[torch.Tensor] | None = None, owned: bool = False) -> torch.Tensor:
+        """The blocks and the final norm, without input validation (the decode loop calls this).
+
+        Without autograd and without a ``sink`` nothing else holds a block's input once the block
+        has run, so its output projection may add into it in place (``meta.residual_writable``):
+        cuBLAS's addmm otherwise first copies the residual into a new output (two launches where
+        one does; 30 a decode step on the Nano shape). ``owned``: ``hidden`` is this forward's own
+        tensor (the embedding lookup's output); a caller's ``inputs_embeds`` is copied once first."""
+        writable = sink is None and not torch.is_grad_enabled()
+        if writable and not owned:
+            hidden = hidden.clone()
+        meta.residual_writable = writable
+        layers = list(self.layers.values())
+        # Blocks may fold their norms into their neighbours' kernels (Block.forward_folding_norms).
+        fold = FOLD_NORMS and writable and hidden.is_cuda and all(type(b) is Block for b in layers)
+        normed = None
+        try:
+            for i, layer in enumerate(layers):
+                if sink is not None:
+                    sink.append(hidden)
+                if fold:
+                    after = layers[i + 1].norm if i + 1 < len(layers) else self.norm
+                    hidden, normed = layer.forward_folding_norms(hidden, meta, cache, normed, after)
+                else:
+                    hidden = layer(hidden, meta, cache)
+        finally:
+            meta.residual_writable = False  # others (the MTP head) pass this meta to blocks too
         if self.norm is not None:
-            hidden = self.norm(hidden)
+            hidden = self.norm(hidden) if normed is None else normed
         if sink is not None:
             sink.append(hidden)
         return hidden

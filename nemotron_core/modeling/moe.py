@@ -26,6 +26,20 @@ class Router(nn.Module):
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
 
+    def folds_norm(self, x: torch.Tensor) -> bool:
+        """Whether ``forward_normed`` takes ``x``: a decode step's few rows on the Triton path."""
+        return (self.n_group == 1 and x.is_cuda and triton_moe.usable(x) and not torch.is_grad_enabled()
+                and triton_router.supported(x, self.weight) and x.shape[0] < triton_router.DECODE_ROWS)
+
+    def forward_normed(self, x: torch.Tensor, norm_weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward(rms_norm(x))`` with the norm folded into the logits kernel (``folds_norm`` inputs):
+        (ids, weights, the normalised x that the experts take)."""
+        parts, normed = triton_router.router_partials(x, self.weight, norm=(norm_weight, eps))
+        idx, weights = triton_moe.route_triton(parts, self.e_score_correction_bias.float(), self.top_k, self.scaling,
+                                               self.norm_topk_prob)
+        return idx, weights, normed
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[N, H]`` -> (expert ids ``[N, k]``, fp32 weights ``[N, k]``)."""
         # Inference on CUDA: the logits (triton_router: a long prefill's on tensor cores with
@@ -87,7 +101,7 @@ class Experts(nn.Module):
         self.impl = impl
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                shared: torch.Tensor | None = None, shared_mlp: nn.Module | None = None) -> torch.Tensor:
+                shared: torch.Tensor | None = None, shared_mlp: nn.Module | None = None, meta=None) -> torch.Tensor:
         """``sum_k weights * expert(x) (+ shared_mlp(x)) (+ shared)``, summed in fp32 and rounded once.
 
         ``shared_mlp`` (the block's shared expert, an ``MLP``) runs here so that the decode GEMV can
@@ -103,7 +117,7 @@ class Experts(nn.Module):
             pair = _plain_weights(shared_mlp) if gemv and not autocast and x.dtype == dtype else None
             if pair is not None and triton_experts.shared_parts(self.up_proj, self.down_proj, *pair):
                 return triton_experts.gemv_experts(x, idx, weights, self.up_proj, self.down_proj, shared, pair)
-            shared = shared_mlp(x, residual=shared)
+            shared = shared_mlp(x, meta, residual=shared)
         x, up, down = x.to(dtype), self.up_proj.to(dtype), self.down_proj.to(dtype)
         if self.impl == "loop":
             return loop_experts(x, idx, weights, up, down, shared)
@@ -144,6 +158,34 @@ class MoE(nn.Module):
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
 
+    def decode_with_norms(self, x: torch.Tensor, norm: nn.Module, normed: torch.Tensor | None,
+                          next_norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """A decode step of the whole block, ``x + moe(norm(x))``, with the norms around it folded into
+        the MoE kernels: the router's kernel normalises ``x`` (unless the previous block already
+        returned ``normed``), and the experts' combine also returns ``next_norm`` of the block's output
+        (the next block's normalised input; None without ``next_norm``). Two norm kernels fewer per MoE
+        block at decode. Returns None where the decode kernels do not apply (the caller runs
+        ``forward``)."""
+        flat = x.reshape(-1, x.shape[-1])
+        experts = self.experts
+        shared = _plain_weights(self.shared_experts)
+        if (self.fc1_latent_proj is not None or shared is None or experts.impl == "loop"
+                or not self.gate.folds_norm(flat) or x.dtype != experts.up_proj.dtype
+                or not triton_experts.takes(x.device, flat.shape[0] * self.gate.top_k)
+                or not triton_experts.shared_parts(experts.up_proj, experts.down_proj, *shared)
+                or not (experts.up_proj.stride(-1) == experts.down_proj.stride(-1) == 1)):
+            return None
+        if normed is None:
+            idx, weights, normed = self.gate.forward_normed(flat, norm.weight, norm.eps)
+        else:
+            normed = normed.reshape(flat.shape)
+            idx, weights = self.gate(normed)
+        out = triton_experts.gemv_experts(normed, idx, weights, experts.up_proj, experts.down_proj, flat, shared,
+                                          next_norm=None if next_norm is None else (next_norm.weight, next_norm.eps))
+        if next_norm is None:
+            return out.view_as(x), None
+        return out[0].view_as(x), out[1].view_as(x)
+
     def forward(self, x: torch.Tensor, meta=None, cache=None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The block's output; with ``residual``, ``residual + output`` (the residual joins the shared
         expert's output inside its down projection's GEMM, or, at decode, the experts' combine)."""
@@ -152,7 +194,7 @@ class MoE(nn.Module):
         residual = None if residual is None else residual.reshape(flat.shape)
         if self.fc1_latent_proj is None:
             # The shared expert's output (with the residual) joins the routed sum before its one rounding.
-            return self.experts(flat, idx, weights, residual, shared_mlp=self.shared_experts).view_as(x)
-        shared = self.shared_experts(flat, residual=residual)
+            return self.experts(flat, idx, weights, residual, shared_mlp=self.shared_experts, meta=meta).view_as(x)
+        shared = self.shared_experts(flat, meta, residual=residual)
         routed = self.experts(self.fc1_latent_proj(flat), idx, weights)
         return (self.fc2_latent_proj(routed) + shared).view_as(x)

@@ -199,7 +199,7 @@ def _kernel():
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_div: int | None, relu2: bool,
           tokens: int = 1, shared_w: torch.Tensor | None = None, parts: int = 0,
-          split_rows: bool = True, residual: torch.Tensor | None = None) -> torch.Tensor:
+          split_rows: bool = True, residual: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (``x[s]`` when ``row_div`` is None),
     relu2'd if asked; with ``experts=None``, ``w`` holds one matrix and row s is ``w[0] @ x[s]``.
 
@@ -207,6 +207,8 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_di
     rows (``split_rows``) or its columns), ``tokens * parts`` slots follow the routed ones: slot
     ``R + t * parts + j`` is part j of it applied to token t (x row t, or the slot's own row).
     ``residual`` (``[rows, N]``, optional) is added to row s in fp32 before the one rounding.
+    ``config`` (``BLOCK_N``, ``BLOCK_K``, ``GROUPED``, ``num_warps``, ``num_stages``) bypasses the
+    autotuner (``benchmarks/gpu_gemv_sweep.py`` times candidates this way).
     """
     experts_kernel, dense_kernel, plain_kernel, cdiv = _kernel()
     n, k = w.shape[1], w.shape[2]
@@ -226,13 +228,13 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_di
         part_off = n * shared_w.stride(0) if split_rows else k * shared_w.stride(1)
     # A group holds at most one slot per token (a token's experts are distinct, and so are its shared
     # parts): MG >= tokens rows cover it (tl.dot wants at least 16).
-    kernel[grid](x, w, shared_w, experts if experts is not None else x, residual, out, n, k, rows, routed, w.shape[0],
-                 x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off,
-                 0 if residual is None else residual.stride(0), out.stride(0),
-                 ROW_DIV=row_div or 1, OWN_ROW=row_div is None, PARTS=parts, RELU2=relu2,
-                 HAS_RES=residual is not None, SINGLE=experts is None,
-                 S_P2=s_p2, MG=mg,
-                 IEEE=x.dtype == torch.float32)
+    launch = kernel[grid] if config is None else functools.partial(kernel.fn[grid], **config)
+    launch(x, w, shared_w, experts if experts is not None else x, residual, out, n, k, rows, routed, w.shape[0],
+           x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off,
+           0 if residual is None else residual.stride(0), out.stride(0),
+           ROW_DIV=row_div or 1, OWN_ROW=row_div is None, PARTS=parts, RELU2=relu2,
+           HAS_RES=residual is not None, SINGLE=experts is None, S_P2=s_p2, MG=mg,
+           IEEE=x.dtype == torch.float32)
     return out
 
 
@@ -294,7 +296,8 @@ def shared_parts(up: torch.Tensor, down: torch.Tensor, shared_up: torch.Tensor, 
 
 def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,
                  down: torch.Tensor, shared: Optional[torch.Tensor] = None,
-                 shared_mlp: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                 shared_mlp: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                 next_norm: Optional[tuple[torch.Tensor, float]] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``sum_j weights[t, j] * expert_{idx[t, j]}(x[t]) (+ shared_expert(x[t])) (+ shared[t])``:
     three launches in all.
 
@@ -305,6 +308,7 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
     same two launches as the routed ones: at decode that saves the shared expert's own GEMVs, their
     split-K reductions and its activation kernel, and its weights stream at the expert GEMV's rate.
     Each part's output is rounded to ``x.dtype`` like a routed expert's before the fp32 sum.
+    ``next_norm``: see ``combine_triton`` (then returns ``(out, rms_norm(out))``).
     """
     ntok, topk = idx.shape
     # The router's ids are contiguous, so this is a view (no launch); a strided [N, 1] slice is not.
@@ -320,4 +324,4 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
               shared_w=shared_up, parts=parts, split_rows=True)  # [slots, inter]
     y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok,
               shared_w=shared_down, parts=parts, split_rows=False)  # [slots, out], slot order
-    return combine_triton(y, None, weights, shared, out_dtype=x.dtype, shared_parts=parts)
+    return combine_triton(y, None, weights, shared, out_dtype=x.dtype, shared_parts=parts, next_norm=next_norm)

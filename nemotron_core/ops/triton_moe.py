@@ -75,6 +75,11 @@ def usable(t: torch.Tensor) -> bool:
     return t.is_cuda and have_triton()
 
 
+# Warps of a combine that also normalises (one program holds a whole row of the hidden size): on the
+# H200 at batch 1, 2.4 us a call with 4 warps, 2.5 with 8, 3.0 with 16 (benchmarks/gpu_gemv_sweep.py).
+NORM_WARPS = 4
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -138,10 +143,10 @@ def _kernels():
         tl.store(w_ptr + out, ws, mask=mask_out)
 
     @triton.jit
-    def moe_combine(y_ptr, pos_ptr, w_ptr, shared_ptr, out_ptr, N, H,
-                    stride_y, stride_pt, stride_pk, stride_wt, stride_wk, stride_s, stride_o,
+    def moe_combine(y_ptr, pos_ptr, w_ptr, shared_ptr, out_ptr, g_ptr, normed_ptr, N, H,
+                    stride_y, stride_pt, stride_pk, stride_wt, stride_wk, stride_s, stride_o, stride_n, eps,
                     TOPK: tl.constexpr, IMPLICIT_POS: tl.constexpr, HAS_SHARED: tl.constexpr,
-                    PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                    PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NEXT_NORM: tl.constexpr):
         # int64 row indices: tokens * k * hidden passes 2**31 at long prefills.
         offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -165,7 +170,17 @@ def _kernels():
         if HAS_SHARED:
             shared = tl.load(shared_ptr + offs_t[:, None] * stride_s + offs_h[None, :], mask=mask, other=0.0)
             acc += shared.to(tl.float32)
-        tl.store(out_ptr + offs_t[:, None] * stride_o + offs_h[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        out = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs_t[:, None] * stride_o + offs_h[None, :], out, mask=mask)
+        if NEXT_NORM:
+            # The next block's RMSNorm of the rounded output, as its norm kernel would compute it
+            # (the program holds whole rows: BLOCK_H >= H): one kernel fewer per MoE block at decode.
+            out = out.to(tl.float32)  # (0 in the masked columns)
+            rstd = 1 / tl.sqrt(tl.sum(out * out, axis=1) / H + eps)
+            g = tl.load(g_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
+            normed = out * rstd[:, None] * g[None, :]
+            tl.store(normed_ptr + offs_t[:, None] * stride_n + offs_h[None, :],
+                     normed.to(normed_ptr.dtype.element_ty), mask=mask)
 
     return moe_route, moe_combine, triton.cdiv
 
@@ -211,7 +226,8 @@ def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: 
 
 def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.Tensor,
                    shared: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
-                   shared_parts: int = 0) -> torch.Tensor:
+                   shared_parts: int = 0, next_norm: Optional[tuple[torch.Tensor, float]] = None
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``out[t] = sum_j weights[t, j] * y[pos[t, j]] (+ sum_p y[N * k + t * P + p]) (+ shared[t])``,
     accumulated in fp32, rounded once.
 
@@ -220,6 +236,8 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
     (``pos[t, j] = t * k + j``, so no index tensor is needed); ``weights [N, k]``; ``shared [N, H]``:
     optional (the shared expert's output), added in fp32 before the single rounding to
     ``out_dtype`` (default ``y.dtype``). The sum over j runs in a fixed order: deterministic.
+    ``next_norm = (g, eps)``: also return ``rms_norm(out, g, eps)`` (the next block's normalised
+    input), as ``(out, normed)``; meant for a few rows (decode), whose programs then hold whole rows.
     """
     n, top_k = weights.shape
     h = y.shape[1]
@@ -232,8 +250,11 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
     if shared is not None and shared.shape != (n, h):
         raise ValueError(f"shared must be [{n}, {h}], got {tuple(shared.shape)}")
     out = torch.empty(n, h, dtype=out_dtype or y.dtype, device=y.device)
+    normed = torch.empty_like(out) if next_norm is not None else None
+    if next_norm is not None and (next_norm[0].shape != (h,) or next_norm[0].stride(0) != 1):
+        raise ValueError(f"the norm weight must be contiguous [{h}], got {tuple(next_norm[0].shape)}")
     if n == 0 or h == 0:
-        return out
+        return out if normed is None else (out, normed)
     if y.stride(1) != 1:
         y = y.contiguous()
     if shared is not None and shared.stride(1) != 1:
@@ -241,13 +262,16 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
     _, combine, cdiv = _kernels()
     # ~4k fp32 accumulators per program (32 a thread at 4 warps); decode (N=1) gets one row of
     # 256-wide blocks, i.e. hidden / 256 programs.
-    block_h = min(_next_pow2(h), 256)
+    block_h = _next_pow2(h) if next_norm is not None else min(_next_pow2(h), 256)
     block_t = min(_next_pow2(n), max(1, 4096 // block_h))
     p = pos if pos is not None else weights  # never read when IMPLICIT_POS; any pointer will do
     s = shared if shared is not None else out
+    g, eps = next_norm if next_norm is not None else (weights, 0.0)  # (g never read without NEXT_NORM)
     combine[(cdiv(n, block_t), cdiv(h, block_h))](
-        y, p, weights, s, out, n, h,
+        y, p, weights, s, out, g, normed if normed is not None else out, n, h,
         y.stride(0), p.stride(0), p.stride(1), weights.stride(0), weights.stride(1), s.stride(0), out.stride(0),
+        out.stride(0), float(eps),
         TOPK=top_k, IMPLICIT_POS=pos is None, HAS_SHARED=shared is not None, PARTS=shared_parts,
-        BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4)
-    return out
+        BLOCK_T=block_t, BLOCK_H=block_h, NEXT_NORM=next_norm is not None,
+        num_warps=NORM_WARPS if next_norm is not None else 4)
+    return out if normed is None else (out, normed)

@@ -52,17 +52,37 @@ def _partials_kernel():
     import triton.language as tl
 
     @triton.jit
-    def router_partials(x_ptr, w_ptr, out_ptr, M, E, K, stride_xm, stride_we, stride_op, stride_om,
-                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    def router_partials(x_ptr, w_ptr, out_ptr, g_ptr, xn_ptr, M, E, K: tl.constexpr, stride_xm, stride_we,
+                        stride_op, stride_om, stride_nm, eps, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_K: tl.constexpr, NORM: tl.constexpr, ROW_K: tl.constexpr):
+        # K is a constexpr (one compile per hidden size): the norm's loop over K is unrolled.
         # Program (expert block, K slice, row block) writes partial sum number "slice" of its logits.
         k_slice = tl.program_id(1)
         offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_k = k_slice * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        mask_mk = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        # The weights first: their loads do not wait for the norm below.
         w = tl.load(w_ptr + offs_e[:, None] * stride_we + offs_k[None, :],
                     mask=(offs_e[:, None] < E) & (offs_k[None, :] < K), other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_mk, other=0.0)
+        if NORM:
+            # The block's RMSNorm, folded in: each program reads its rows whole (a few KB, from L2)
+            # for their mean square (unrolled: all loads in flight at once), and normalises its
+            # slice exactly as the norm kernel does (x * rstd * g in fp32, rounded to x's dtype). The
+            # first expert block's programs store the normalised rows for the expert GEMVs.
+            squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in tl.static_range(0, K, ROW_K):
+                offs_r = k0 + tl.arange(0, ROW_K)
+                row = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :],
+                              mask=(offs_m[:, None] < M) & (offs_r[None, :] < K), other=0.0).to(tl.float32)
+                squares += tl.sum(row * row, axis=1)
+            rstd = 1 / tl.sqrt(squares / K + eps)
+            g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * rstd[:, None] * g[None, :]).to(xn_ptr.dtype.element_ty)
+            if tl.program_id(0) == 0:
+                tl.store(xn_ptr + offs_m[:, None] * stride_nm + offs_k[None, :], x, mask=mask_mk)
+        x = x.to(tl.float32)
         part = tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BLOCK_M, BLOCK_E], a tree sum over the slice
         tl.store(out_ptr + k_slice * stride_op + offs_m[:, None] * stride_om + offs_e[None, :], part,
                  mask=(offs_m[:, None] < M) & (offs_e[None, :] < E))
@@ -151,19 +171,29 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def router_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def router_partials(x: torch.Tensor, weight: torch.Tensor,
+                    norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x.float() @ weight.T`` as partial sums over slices of K, ``[ceil(K / SLICE_K), N, E]`` fp32, for
-    ``triton_moe.route_triton`` to add up; for a few rows (a decode step) with ``supported`` inputs."""
+    ``triton_moe.route_triton`` to add up; for a few rows (a decode step) with ``supported`` inputs.
+
+    With ``norm = (g, eps)`` the logits are those of ``rms_norm(x, g, eps)`` (rounded to x's dtype, as
+    the norm would return it), and the normalised rows come back too: (partials, normalised x). That
+    saves the block's norm kernel at decode."""
     _require_supported("router_partials", x, weight)
     n, k = x.shape
     e = weight.shape[0]
     kernel, cdiv = _partials_kernel()
     slices = cdiv(k, SLICE_K)
     out = torch.empty(slices, n, e, dtype=torch.float32, device=x.device)
-    if n == 0:
-        return out
-    block_m = min(_next_pow2(n), 8)
-    kernel[(cdiv(e, SLICE_E), slices, cdiv(n, block_m))](
-        x, weight, out, n, e, k, x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_E=SLICE_E, BLOCK_K=SLICE_K, num_warps=8 if block_m >= 8 else 4)
-    return out
+    xn = torch.empty_like(x) if norm is not None else None
+    if n > 0:
+        g, eps = norm if norm is not None else (weight, 0.0)  # (g never read without NORM)
+        if norm is not None and (g.shape != (k,) or g.stride(0) != 1):
+            raise ValueError(f"the norm weight must be contiguous [{k}], got {tuple(g.shape)}")
+        block_m = min(_next_pow2(n), 8)
+        kernel[(cdiv(e, SLICE_E), slices, cdiv(n, block_m))](
+            x, weight, out, g, xn if xn is not None else x, n, e, k, x.stride(0), weight.stride(0), out.stride(0),
+            out.stride(1), xn.stride(0) if xn is not None else 0, float(eps),
+            BLOCK_M=block_m, BLOCK_E=SLICE_E, BLOCK_K=SLICE_K, NORM=norm is not None, ROW_K=1024 // block_m,
+            num_warps=8 if block_m >= 8 else 4)
+    return out if norm is None else (out, xn)

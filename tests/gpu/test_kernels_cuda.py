@@ -247,3 +247,53 @@ def test_triton_linear_decode_matches_cublas() -> None:
     print(f"bf16 decode against fp32: cuBLAS path {err_cublas:.2e}, GEMV path {err_gemv:.2e}, "
           f"between them {rel(runs[2], runs[1]):.2e}")
     assert err_gemv <= 2 * err_cublas
+
+
+def test_inference_forward_fuses_qkv_and_adds_in_place_without_changing_results() -> None:
+    """Inference on CUDA fuses q/k/v into one GEMM and adds each block's output into its input
+    (``meta.residual_writable``): the logits equal the autograd path's (separate projections, no
+    in-place adds) in fp32, the caller's ``inputs_embeds`` stay untouched, and ``output_hidden_states``
+    (which keeps every block's input) reports the same final state."""
+    from nemotron_core.modeling.attention import Attention
+
+    model = _tiny_model("auto")
+    ids = torch.randint(0, 1000, (2, 77), device="cuda")
+    with torch.enable_grad():
+        ref = model(ids).logits.detach()
+    assert all(m._fused_qkv is None for m in model.modules() if isinstance(m, Attention))
+    embeds = model.get_input_embeddings()(ids).detach()
+    kept = embeds.clone()
+    with torch.no_grad():
+        by_ids = model(ids).logits
+        by_embeds = model(inputs_embeds=embeds).logits
+        with_states = model(ids, output_hidden_states=True)
+    assert any(m._fused_qkv is not None for m in model.modules() if isinstance(m, Attention))
+    assert torch.equal(embeds, kept)
+    assert rel(by_ids, ref) < 1e-5
+    assert torch.equal(by_embeds, by_ids)
+    assert torch.equal(with_states.logits, by_ids)
+    assert torch.equal(with_states.hidden_states[0], kept)
+
+
+def test_decode_folding_norms_into_moe_kernels_keeps_the_tokens(monkeypatch) -> None:
+    """At decode the MoE blocks fold their own norm and the next block's into their kernels
+    (``MoE.decode_with_norms``): the graph-captured greedy tokens equal those with separate norm
+    kernels, and the folded path really ran."""
+    from nemotron_core.generation import Decoder, SamplingConfig, generate
+    from nemotron_core.modeling import model as model_mod
+    from nemotron_core.modeling.moe import MoE
+
+    model = _tiny_model("auto", torch.bfloat16)
+    prompts = [torch.randint(3, 1000, (n,)).tolist() for n in (20, 9)]
+    cfg = SamplingConfig(max_new_tokens=24, do_sample=False)
+    monkeypatch.setattr(model_mod, "FOLD_NORMS", False)
+    separate = generate(model, prompts, cfg, decoder=Decoder(model, 2, 64, cuda_graph=True))
+    monkeypatch.setattr(model_mod, "FOLD_NORMS", True)
+    folded_calls = []
+    real = MoE.decode_with_norms
+    monkeypatch.setattr(MoE, "decode_with_norms",
+                        lambda *a, **kw: (lambda r: folded_calls.append(r is not None) or r)(real(*a, **kw)))
+    folded = generate(model, prompts, cfg, decoder=Decoder(model, 2, 64, cuda_graph=True))
+    assert any(folded_calls)
+    assert folded.cuda_graph and separate.cuda_graph
+    assert folded.sequences == separate.sequences
