@@ -1,0 +1,81 @@
+"""A/B of one decode-path switch on the Nano-30B-A3B shape, interleaved in one process.
+
+Separate benchmark runs drift by a few percent (clocks, autotune picks, what ran before), which is
+as large as the effects of the switches measured here. This builds the model once, captures one
+decoder (CUDA graph) per setting, and then alternates timed ``generate`` calls between the settings,
+reporting the median of each. A setting is a name and a function that switches the path on or off
+before its decoder is captured (the graph keeps what was captured).
+
+    python benchmarks/gpu_ab.py --switch fold_norms [--rounds 5] [--out ab.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def _fold_norms(on: bool) -> None:
+    from nemotron_core.modeling import model
+
+    model.FOLD_NORMS = on
+
+
+def _decode_attn(on: bool) -> None:
+    from nemotron_core.ops import triton_decode_attn
+
+    triton_decode_attn.ENABLED = on
+
+
+SWITCHES = {"fold_norms": _fold_norms, "decode_attn": _decode_attn}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--switch", choices=sorted(SWITCHES), action="append", required=True)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--preset", default="nemotron-3-nano-30b-a3b")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from nemotron_core.create import build_config, random_model
+    from nemotron_core.generation import Decoder, SamplingConfig, generate
+
+    config = build_config(args.preset)
+    model = random_model(config, torch.bfloat16, seed=0, device="cuda").eval()
+    g = torch.Generator().manual_seed(0)
+    results: dict = {"device": torch.cuda.get_device_name(), "preset": args.preset}
+    for switch in args.switch:
+        for batch, new in ((1, 64), (8, 32)):
+            prompts = torch.randint(3, config.vocab_size, (batch, 128), generator=g).tolist()
+            cfg = SamplingConfig(max_new_tokens=new, do_sample=False, eos_token_ids=[])
+            decoders = {}
+            for on in (True, False):
+                SWITCHES[switch](on)
+                decoders[on] = Decoder(model, batch, 128 + new)
+                generate(model, prompts, cfg, decoder=decoders[on], sync_every=new)  # capture + warm-up
+            SWITCHES[switch](True)
+            walls: dict[bool, list[float]] = {True: [], False: []}
+            tokens: dict[bool, list] = {}
+            for _ in range(args.rounds):
+                for on in (True, False):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    out = generate(model, prompts, cfg, decoder=decoders[on], sync_every=new)
+                    walls[on].append(time.perf_counter() - t0)
+                    tokens[on] = out.sequences
+            row = {f"{switch}_{'on' if on else 'off'}_tok_s": round(batch * new / statistics.median(w), 1)
+                   for on, w in walls.items()}
+            row["same_tokens"] = tokens[True] == tokens[False]
+            results[f"{switch} b{batch}"] = row
+            print(f"{switch} b{batch}: {row}", flush=True)
+            del decoders
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Time the expert GEMV (and the dense GEMV on the Mamba in_proj) over a grid of tile configs.
+
+The autotuner only chooses among the configs listed in ``ops/triton_experts.py``; this sweep is how
+that list is chosen. Shapes are the Nano-30B-A3B decode step's: the routed experts' up projection
+(6 experts of 1856 x 2688 per token plus the shared expert as two more) and down projection, at
+batch 1 and 8, and the Mamba in_proj (10304 x 2688) at one row. Each timed call uses one of 20
+different routings over all 128 experts, so the weights come from HBM as in the model (one routing
+replayed would sit partly in the 50 MB L2). Times are per call, from 100 calls in one CUDA graph.
+
+    python benchmarks/gpu_gemv_sweep.py [--out sweep.json]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from gpu_gemv import graph_time_us
+from nemotron_core.ops import triton_experts
+
+E, INTER, HIDDEN, SHARED, TOPK, ROUTINGS = 128, 1856, 2688, 3712, 6, 20
+TILES = [(bn, bk) for bn in (16, 32, 64) for bk in (128, 256)] + [(16, 512)]
+CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, GROUPED=True, num_warps=w, num_stages=st)
+           for (bn, bk), w, st in itertools.product(TILES, (4, 8), (2, 3, 4))]
+
+
+def _time(call, configs) -> list[dict]:
+    """``call(config)`` timed for every config and for the autotuner's own pick (config None)."""
+    rows = []
+    for cfg in [None] + configs:
+        try:
+            us = graph_time_us(lambda: call(cfg), reps=5) / ROUTINGS
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+            rows.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            continue
+        rows.append({"config": cfg or "autotuned", "us": round(us, 2)})
+    return rows
+
+
+def small_kernels(results: dict, randn) -> None:
+    """The MoE block's small decode kernels with and without the folded RMSNorms: the router's partial
+    logits (norm of the block's input) and the combine (norm of the block's output, for the next
+    block), each against the separate norm kernel they replace; the combine at several warp counts."""
+    from nemotron_core.ops import triton_moe, triton_router
+    from nemotron_core.ops.norms import rms_norm
+
+    router = torch.randn(E, HIDDEN, device="cuda") * 0.02
+    gain = randn(HIDDEN) + 1
+    parts = SHARED // INTER
+    for batch in (1, 8):
+        xs = [randn(batch, HIDDEN) for _ in range(ROUTINGS)]
+        ys = [randn(batch * (TOPK + parts), HIDDEN) for _ in range(ROUTINGS)]
+        w = torch.rand(batch, TOPK, device="cuda")
+        row = {
+            "rms_norm": lambda: [rms_norm(x, gain, 1e-5) for x in xs],
+            "router_partials": lambda: [triton_router.router_partials(x, router) for x in xs],
+            "router_partials+norm": lambda: [triton_router.router_partials(x, router, norm=(gain, 1e-5)) for x in xs],
+            "combine": lambda: [triton_moe.combine_triton(y, None, w, x, shared_parts=parts) for x, y in zip(xs, ys)],
+        }
+        for warps in (4, 8, 16):
+            def folded(warps=warps):
+                triton_moe.NORM_WARPS = warps
+                return [triton_moe.combine_triton(y, None, w, x, shared_parts=parts, next_norm=(gain, 1e-5))
+                        for x, y in zip(xs, ys)]
+            row[f"combine+norm/{warps}w"] = folded
+        times = {}
+        for name, fn in row.items():
+            times[name] = round(graph_time_us(fn, reps=5) / ROUTINGS, 2)
+        triton_moe.NORM_WARPS = 4
+        results[f"small kernels b{batch}"] = times
+        print(f"small kernels b{batch} (us per call):", times, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    randn = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.02).bfloat16()  # noqa: E731
+    up, down = randn(E, INTER, HIDDEN), randn(E, HIDDEN, INTER)
+    shared_up, shared_down = randn(SHARED, HIDDEN), randn(HIDDEN, SHARED)
+    parts = SHARED // INTER
+    results: dict = {"device": torch.cuda.get_device_name()}
+    for batch in (1, 8):
+        x = randn(batch, HIDDEN)
+        h = randn(batch * (TOPK + parts), INTER)
+        routings = [torch.stack([torch.randperm(E, device="cuda", generator=g)[:TOPK] for _ in range(batch)]).reshape(-1)
+                    for _ in range(ROUTINGS)]
+
+        def up_call(cfg, x=x, routings=routings, batch=batch):
+            for ids in routings:
+                triton_experts._gemv(x, up, ids, row_div=TOPK, relu2=True, tokens=batch, shared_w=shared_up,
+                                     parts=parts, split_rows=True, config=cfg)
+
+        def down_call(cfg, h=h, routings=routings, batch=batch):
+            for ids in routings:
+                triton_experts._gemv(h, down, ids, row_div=None, relu2=False, tokens=batch, shared_w=shared_down,
+                                     parts=parts, split_rows=False, config=cfg)
+
+        for name, call, nbytes in (("up", up_call, INTER * HIDDEN * 2 * (TOPK + parts) * batch),
+                                   ("down", down_call, INTER * HIDDEN * 2 * (TOPK + parts) * batch)):
+            rows = _time(call, CONFIGS)
+            for r in rows:
+                if "us" in r:
+                    r["tb_s"] = round(nbytes / r["us"] / 1e6, 2)  # (distinct experts at b8 are fewer: upper bound)
+            results[f"{name} b{batch}"] = rows
+            ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+            print(f"{name} b{batch}: autotuned {rows[0].get('us')} us; best:", flush=True)
+            for r in ok[:5]:
+                print("   ", r, flush=True)
+    # Dense projections at one row (the Mamba in_proj; out_proj with the residual added, against
+    # cuBLAS's in-place addmm), against cuBLAS; 8 weight copies rotate so that L2 does not hold them.
+    for name, (n, k) in (("in_proj", (10304, HIDDEN)), ("out_proj+residual", (HIDDEN, 4096))):
+        ws = [randn(n, k) for _ in range(8)]
+        x, res = randn(1, k), randn(1, n)
+        add = name.endswith("residual")
+
+        def dense_call(cfg, ws=ws, x=x, res=res, add=add):
+            for w in ws:
+                triton_experts._gemv(x, w.unsqueeze(0), None, row_div=None, relu2=False, tokens=1,
+                                     residual=res if add else None, config=cfg)
+
+        def cublas_call(ws=ws, x=x, res=res, add=add):
+            for w in ws:
+                res.addmm_(x, w.t()) if add else torch.nn.functional.linear(x, w)
+
+        rows = []
+        for cfg in [None] + CONFIGS:
+            try:
+                us = graph_time_us(lambda: dense_call(cfg), reps=12) / len(ws)
+                rows.append({"config": cfg or "autotuned", "us": round(us, 2)})
+            except Exception as e:  # noqa: BLE001
+                rows.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        cublas = graph_time_us(cublas_call, reps=12) / len(ws)
+        results[f"{name} b1"] = rows
+        results[f"{name} b1 cublas_us"] = round(cublas, 2)
+        ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+        print(f"{name} b1: cuBLAS {cublas:.2f} us, autotuned {rows[0].get('us')} us; best:", ok[:5], flush=True)
+    small_kernels(results, randn)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
