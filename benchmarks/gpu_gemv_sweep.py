@@ -76,14 +76,16 @@ def small_kernels(results: dict, randn) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--parts", default="experts,dense,small", help="comma-separated: experts, dense, small")
     args = ap.parse_args()
+    parts_wanted = set(args.parts.split(","))
     g = torch.Generator(device="cuda").manual_seed(0)
     randn = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.02).bfloat16()  # noqa: E731
     up, down = randn(E, INTER, HIDDEN), randn(E, HIDDEN, INTER)
     shared_up, shared_down = randn(SHARED, HIDDEN), randn(HIDDEN, SHARED)
     parts = SHARED // INTER
     results: dict = {"device": torch.cuda.get_device_name()}
-    for batch in (1, 8):
+    for batch in (1, 8) if "experts" in parts_wanted else ():
         x = randn(batch, HIDDEN)
         h = randn(batch * (TOPK + parts), INTER)
         routings = [torch.stack([torch.randperm(E, device="cuda", generator=g)[:TOPK] for _ in range(batch)]).reshape(-1)
@@ -112,7 +114,8 @@ def main() -> None:
                 print("   ", r, flush=True)
     # Dense projections at one row (the Mamba in_proj; out_proj with the residual added, against
     # cuBLAS's in-place addmm), against cuBLAS; 8 weight copies rotate so that L2 does not hold them.
-    for name, (n, k) in (("in_proj", (10304, HIDDEN)), ("out_proj+residual", (HIDDEN, 4096))):
+    dense_shapes = (("in_proj", (10304, HIDDEN)), ("out_proj+residual", (HIDDEN, 4096)))
+    for name, (n, k) in dense_shapes if "dense" in parts_wanted else ():
         ws = [randn(n, k) for _ in range(8)]
         x, res = randn(1, k), randn(1, n)
         add = name.endswith("residual")
@@ -138,7 +141,8 @@ def main() -> None:
         results[f"{name} b1 cublas_us"] = round(cublas, 2)
         ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
         print(f"{name} b1: cuBLAS {cublas:.2f} us, autotuned {rows[0].get('us')} us; best:", ok[:5], flush=True)
-    small_kernels(results, randn)
+    if "small" in parts_wanted:
+        small_kernels(results, randn)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -9,6 +9,7 @@ tokens every ``sync_every`` steps (to stream them and to stop early).
 """
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -128,6 +129,12 @@ def _capture_graph(fn: Callable[[], torch.Tensor], what: str, warmup: int,
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
+    # An unreachable earlier decoder's graph freed by the garbage collector in the middle of this
+    # capture would abort it ("operation not permitted when stream is capturing"): collect now, and
+    # not during the capture.
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         with torch.cuda.graph(graph, pool=pool):
             out = fn()
@@ -135,6 +142,9 @@ def _capture_graph(fn: Callable[[], torch.Tensor], what: str, warmup: int,
         warnings.warn(f"{what} not capturable as a CUDA graph, running eagerly ({str(e).splitlines()[0]})")
         torch.cuda.synchronize()
         return None
+    finally:
+        if collecting:
+            gc.enable()
     return graph, out
 
 

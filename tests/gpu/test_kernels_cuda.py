@@ -297,3 +297,31 @@ def test_decode_folding_norms_into_moe_kernels_keeps_the_tokens(monkeypatch) -> 
     assert any(folded_calls)
     assert folded.cuda_graph and separate.cuda_graph
     assert folded.sequences == separate.sequences
+
+
+def test_capture_survives_garbage_collection_of_an_old_decoder() -> None:
+    """An unreachable decoder (in a reference cycle) whose CUDA graph the garbage collector frees
+    must not abort a later capture: with the collector at its most eager (threshold 1, so any
+    allocation may run it), the second decoder still captures and decodes the same tokens."""
+    import gc
+    import warnings
+
+    from nemotron_core.generation import Decoder, SamplingConfig, generate
+
+    model = _tiny_model("auto", torch.bfloat16)
+    prompts = [torch.randint(3, 1000, (12,)).tolist()]
+    cfg = SamplingConfig(max_new_tokens=8, do_sample=False)
+    old = Decoder(model, 1, 32, cuda_graph=True)
+    first = generate(model, prompts, cfg, decoder=old)
+    old.cycle = old  # reachable only through itself once the name is gone
+    del old
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            second = generate(model, prompts, cfg, decoder=Decoder(model, 1, 32, cuda_graph=True))
+    finally:
+        gc.set_threshold(*thresholds)
+    assert first.cuda_graph and second.cuda_graph
+    assert second.sequences == first.sequences
