@@ -4,7 +4,7 @@ Separate benchmark runs drift by a few percent (clocks, autotune picks, what ran
 as large as the effects of the switches measured here. This builds the model once, captures one
 decoder (CUDA graph) per setting, and then alternates timed ``generate`` calls between the settings,
 reporting the median of each. A setting is a name and a function that switches the path on or off
-before its decoder is captured (the graph keeps what was captured).
+(given the model) before its decoder is captured (the graph keeps what was captured).
 
     python benchmarks/gpu_ab.py --switch fold_norms [--rounds 5] [--out ab.json]
 """
@@ -19,19 +19,23 @@ import time
 import torch
 
 
-def _fold_norms(on: bool) -> None:
-    from nemotron_core.modeling import model
+def _fold_norms(model, on: bool) -> None:
+    from nemotron_core.modeling import model as modeling
 
-    model.FOLD_NORMS = on
+    modeling.FOLD_NORMS = on
 
 
-def _decode_attn(on: bool) -> None:
+def _decode_attn(model, on: bool) -> None:
     from nemotron_core.ops import triton_decode_attn
 
     triton_decode_attn.ENABLED = on
 
 
-SWITCHES = {"fold_norms": _fold_norms, "decode_attn": _decode_attn}
+def _linear(model, on: bool) -> None:
+    model.model.backend.linear = "triton" if on else "torch"  # (shared by every Linear)
+
+
+SWITCHES = {"linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 
 def main() -> None:
@@ -54,10 +58,10 @@ def main() -> None:
             cfg = SamplingConfig(max_new_tokens=new, do_sample=False, eos_token_ids=[])
             decoders = {}
             for on in (True, False):
-                SWITCHES[switch](on)
+                SWITCHES[switch](model, on)
                 decoders[on] = Decoder(model, batch, 128 + new)
                 generate(model, prompts, cfg, decoder=decoders[on], sync_every=new)  # capture + warm-up
-            SWITCHES[switch](True)
+            SWITCHES[switch](model, True)
             walls: dict[bool, list[float]] = {True: [], False: []}
             tokens: dict[bool, list] = {}
             for _ in range(args.rounds):

@@ -3,8 +3,8 @@
 At decode every projection is bound by reading its weights once. For the Nano-30B-A3B shapes this
 times, as 100 replays of a CUDA graph (no launch overhead, as in the decode graph):
 
-* each dense projection at 1 and 8 rows: ``F.linear`` (cuBLAS, often a split-K GEMM plus a
-  reduction kernel) against ``triton_experts.dense_gemv`` (autotuned; ``TRITON_PRINT_AUTOTUNING=1``
+* each dense projection at one row: ``F.linear`` (cuBLAS, often a split-K GEMM plus a
+  reduction kernel) against ``triton_gemv.gemv`` (autotuned; ``TRITON_PRINT_AUTOTUNING=1``
   shows its pick), and the residual-adding form: ``addmm`` (a copy plus the GEMM) against the GEMV
   with the residual in its epilogue;
 * the MoE block's experts at batch 1 and 8: the routed-expert GEMV plus the shared expert on cuBLAS
@@ -23,7 +23,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from nemotron_core.ops import triton_experts
+from nemotron_core.ops import triton_experts, triton_gemv
 
 DENSE = {"mamba in_proj": (10304, 2688), "mamba out_proj": (2688, 4096), "shared up": (3712, 2688),
          "shared down": (2688, 3712), "q_proj": (4096, 2688), "k_proj": (256, 2688), "o_proj": (2688, 4096),
@@ -59,24 +59,25 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def dense(results: dict) -> None:
+    """Each dense projection at one row (the decode GEMV takes single rows only): cuBLAS against
+    ``triton_gemv.gemv``, plain and with the residual added."""
     for name, (n, k) in DENSE.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         gb = n * k * 2 / 1e9
-        for m in (1, 8):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            r = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-            err = max(rel(triton_experts.dense_gemv(x, w), F.linear(x, w)),
-                      rel(triton_experts.dense_gemv(x, w, residual=r), torch.addmm(r, x, w.t())))
-            row = {"cublas_us": graph_time_us(lambda: F.linear(x, w)),
-                   "ours_us": graph_time_us(lambda: triton_experts.dense_gemv(x, w)),
-                   "cublas_addmm_us": graph_time_us(lambda: torch.addmm(r, x, w.t())),
-                   "ours_residual_us": graph_time_us(lambda: triton_experts.dense_gemv(x, w, residual=r)),
-                   "max_rel_err": err}
-            row.update({key.replace("_us", "_TBs"): gb / v * 1e3 for key, v in list(row.items()) if key.endswith("_us")})
-            results[f"{name} N={n} K={k} M={m}"] = row
-            print(f"{name:15s} N={n:6d} K={k} M={m}: cuBLAS {row['cublas_us']:6.1f} us ({row['cublas_TBs']:.2f} TB/s) "
-                  f"ours {row['ours_us']:6.1f} us ({row['ours_TBs']:.2f}) | +residual: addmm "
-                  f"{row['cublas_addmm_us']:6.1f} ours {row['ours_residual_us']:6.1f} | err {err:.1e}", flush=True)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
+        err = max(rel(triton_gemv.gemv(x, w), F.linear(x, w)),
+                  rel(triton_gemv.gemv(x, w, residual=r), torch.addmm(r, x, w.t())))
+        row = {"cublas_us": graph_time_us(lambda: F.linear(x, w)),
+               "ours_us": graph_time_us(lambda: triton_gemv.gemv(x, w)),
+               "cublas_addmm_us": graph_time_us(lambda: torch.addmm(r, x, w.t())),
+               "ours_residual_us": graph_time_us(lambda: triton_gemv.gemv(x, w, residual=r)),
+               "max_rel_err": err}
+        row.update({key.replace("_us", "_TBs"): gb / v * 1e3 for key, v in list(row.items()) if key.endswith("_us")})
+        results[f"{name} N={n} K={k} M=1"] = row
+        print(f"{name:15s} N={n:6d} K={k}: cuBLAS {row['cublas_us']:6.1f} us ({row['cublas_TBs']:.2f} TB/s) "
+              f"ours {row['ours_us']:6.1f} us ({row['ours_TBs']:.2f}) | +residual: addmm "
+              f"{row['cublas_addmm_us']:6.1f} ours {row['ours_residual_us']:6.1f} | err {err:.1e}", flush=True)
 
 
 def experts(results: dict) -> None:

@@ -112,35 +112,32 @@ def main() -> None:
             print(f"{name} b{batch}: autotuned {rows[0].get('us')} us; best:", flush=True)
             for r in ok[:5]:
                 print("   ", r, flush=True)
-    # Dense projections at one row (the Mamba in_proj; out_proj with the residual added, against
-    # cuBLAS's in-place addmm), against cuBLAS; 8 weight copies rotate so that L2 does not hold them.
-    dense_shapes = (("in_proj", (10304, HIDDEN)), ("out_proj+residual", (HIDDEN, 4096)))
-    for name, (n, k) in dense_shapes if "dense" in parts_wanted else ():
-        ws = [randn(n, k) for _ in range(8)]
+    # Dense projections at one row, with the residual where the model adds one: cuBLAS (F.linear, or
+    # the in-place addmm_ the model uses) against the split-K GEMV (autotuned, and each of its configs). Weight copies rotate so that L2 does not hold them.
+    from nemotron_core.ops import triton_gemv
+
+    dense_shapes = (("in_proj", 10304, HIDDEN, False, 8), ("out_proj+residual", HIDDEN, 4096, True, 8),
+                    ("qkv", 4608, HIDDEN, False, 8), ("lm_head", 131072, HIDDEN, False, 2))
+    for name, n, k, add, copies in dense_shapes if "dense" in parts_wanted else ():
+        ws = [randn(n, k) for _ in range(copies)]
         x, res = randn(1, k), randn(1, n)
-        add = name.endswith("residual")
 
-        def dense_call(cfg, ws=ws, x=x, res=res, add=add):
-            for w in ws:
-                triton_experts._gemv(x, w.unsqueeze(0), None, row_div=None, relu2=False, tokens=1,
-                                     residual=res if add else None, config=cfg)
+        def run(fn, ws=ws):
+            return graph_time_us(lambda: [fn(w) for w in ws], reps=max(1, 16 // len(ws))) / len(ws)
 
-        def cublas_call(ws=ws, x=x, res=res, add=add):
-            for w in ws:
-                res.addmm_(x, w.t()) if add else torch.nn.functional.linear(x, w)
-
-        rows = []
-        for cfg in [None] + CONFIGS:
-            try:
-                us = graph_time_us(lambda: dense_call(cfg), reps=12) / len(ws)
-                rows.append({"config": cfg or "autotuned", "us": round(us, 2)})
-            except Exception as e:  # noqa: BLE001
-                rows.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        cublas = graph_time_us(cublas_call, reps=12) / len(ws)
-        results[f"{name} b1"] = rows
-        results[f"{name} b1 cublas_us"] = round(cublas, 2)
-        ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
-        print(f"{name} b1: cuBLAS {cublas:.2f} us, autotuned {rows[0].get('us')} us; best:", ok[:5], flush=True)
+        row = {
+            "cublas": run(lambda w: res.addmm_(x, w.t()) if add else torch.nn.functional.linear(x, w)),
+            "split-K autotuned": run(lambda w: triton_gemv.gemv(x, w, res if add else None)),
+        }
+        for bn, bk, sp, warps, st in triton_gemv._CONFIGS:
+            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp, "num_warps": warps, "num_stages": st}
+            row[f"split-K {bn}x{bk} split={sp} w={warps} st={st}"] = run(
+                lambda w, cfg=cfg: triton_gemv.gemv(x, w, res if add else None, config=cfg))
+        row = {key: round(v, 2) for key, v in row.items()}
+        results[f"dense {name} b1"] = row
+        print(f"dense {name} b1 (us):", row, flush=True)
+        del ws
+        torch.cuda.empty_cache()
     if "small" in parts_wanted:
         small_kernels(results, randn)
     if args.out:

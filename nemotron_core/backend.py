@@ -19,8 +19,9 @@ EXPERTS_CHOICES = ("grouped", "loop")
 MAMBA_CHOICES = ("auto", "torch", "triton")
 # transformer-engine linear/norm backends are not wired in yet: only choices that run are accepted.
 NORM_CHOICES = ("torch",)
-# "triton": batch-1 decode projections (one row, no autograd, on CUDA) as one Triton GEMV each.
-LINEAR_CHOICES = ("torch", "triton")
+# "triton": batch-1 decode projections (one row, no autograd) as one Triton GEMV each; "auto": those
+# of them where the GEMV measured faster than cuBLAS on the H200 (modeling/linear.py), on CUDA.
+LINEAR_CHOICES = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -28,7 +29,7 @@ class BackendConfig:
     """Implementation choice per op. Fields mirror NeMo AutoModel's BackendConfig where they overlap."""
 
     attn: str = "auto"
-    linear: str = "torch"
+    linear: str = "auto"
     rms_norm: str = "torch"
     experts: str = "grouped"
     mamba: str = "auto"

@@ -23,7 +23,7 @@ require_triton()
 import tiny  # noqa: E402
 from nemotron_core.modeling.moe import Router  # noqa: E402
 from nemotron_core.ops import experts as experts_ops  # noqa: E402
-from nemotron_core.ops import triton_experts, triton_moe  # noqa: E402
+from nemotron_core.ops import triton_experts, triton_gemv, triton_moe  # noqa: E402
 from nemotron_core.ops.experts import grouped_experts, grouped_mm_supported, loop_experts  # noqa: E402
 
 TOL = 1e-6
@@ -212,27 +212,6 @@ def test_loop_experts_add_shared_in_fp32() -> None:
     assert torch.equal(loop_experts(x, idx, w, up, down, shared), loop_experts(x, idx, w, up, down) + shared)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("epilogue", ["none", "relu2", "residual"])
-def test_dense_gemv_matches_linear(epilogue: str, rows: int, gemv_variant, monkeypatch) -> None:
-    """The decode-time dense GEMV (``BackendConfig(linear="triton")``) against F.linear (+ relu2, or
-    + a residual): one row (batch 1), and several (one group on the grouped tiles; the model sends
-    only one row, ``MAX_DENSE_ROWS``)."""
-    monkeypatch.setattr(triton_experts, "MAX_DENSE_ROWS", 3)
-    g = torch.Generator().manual_seed(3 + rows)
-    x = torch.randn(rows, 1, 40, generator=g).to(DEVICE)  # [batch, 1 token, K]
-    w = (torch.randn(24, 40, generator=g) / 4).to(DEVICE)
-    residual = torch.randn(rows, 1, 24, generator=g).to(DEVICE)
-    want = F.linear(x, w)
-    want = {"none": want, "relu2": F.relu(want).square(), "residual": residual + want}[epilogue]
-    assert triton_experts.dense_supported(x, w)
-    got = triton_experts.dense_gemv(x, w, relu2=epilogue == "relu2",
-                                    residual=residual if epilogue == "residual" else None)
-    assert got.shape == want.shape and tiny.rel_err(want, got) <= TOL
-    too_many = triton_experts.MAX_DENSE_ROWS + 1  # more rows: cuBLAS
-    assert not triton_experts.dense_supported(torch.randn(too_many, 40, device=DEVICE), w)
-
-
 @torch.no_grad()
 def test_model_decode_with_triton_linear_matches_torch_linear() -> None:
     """The whole decode path with every projection on the GEMV: same logits as F.linear (fp32)."""
@@ -247,15 +226,15 @@ def test_model_decode_with_triton_linear_matches_torch_linear() -> None:
     for linear in ("torch", "triton"):
         model.model.backend.linear = linear  # shared by every Linear
         calls = []
-        dense_gemv = triton_experts.dense_gemv
-        triton_experts.dense_gemv = lambda *a, **kw: calls.append(1) or dense_gemv(*a, **kw)
+        gemv = triton_gemv.gemv
+        triton_gemv.gemv = lambda *a, **kw: calls.append(1) or gemv(*a, **kw)
         try:
             dec = Decoder(model, 1, 16, cuda_graph=False)
             steps = [dec.prefill(ids, torch.ones_like(ids))]
             for _ in range(3):
                 steps.append(dec.step(steps[-1].argmax(-1)))
         finally:
-            triton_experts.dense_gemv = dense_gemv
+            triton_gemv.gemv = gemv
         runs.append(torch.stack(steps))
         assert bool(calls) == (linear == "triton")
     model.model.backend.linear = "torch"

@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from nemotron_core.ops import triton_act, triton_ce, triton_conv, triton_experts, triton_moe, triton_router  # noqa: E402,E501
-from nemotron_core.ops import triton_decode_attn  # noqa: E402
+from nemotron_core.ops import triton_decode_attn, triton_gemv  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -108,33 +108,33 @@ def main() -> int:
     gemv = triton_experts._kernel()[0]
     # Every autotune config in bf16 (the model's dtype); fp32 on one config of each kind (each compile
     # costs about half a second). Routed experts with the shared expert as parts (PARTS=2) of the up
-    # (token rows) and the down (own rows) projection; dense projections with each epilogue.
+    # (token rows) and the down (own rows) projection.
     kinds = {}
     for config in triton_experts._CONFIGS:
         kinds.setdefault(config[3], config)
-    for dt, single in (("bf16", False), ("bf16", True), ("fp32", False), ("fp32", True)):
-        sig = {**ptrs("x_ptr w_ptr ws_ptr res_ptr out_ptr", dt), "expert_ptr": "*i64",
-               **ints("N K S R E stride_xm stride_we stride_wn stride_sn part_off stride_rm stride_om")}
-        if dt == "fp32":
-            configs = kinds.values()
-        else:
-            configs = triton_experts._DENSE_CONFIGS if single else triton_experts._CONFIGS
-        if single:  # (parts, own_row, relu2, residual)
-            variants = [(0, True, False, False), (0, True, True, False), (0, True, False, True)]
-        else:
-            variants = [(0, False, True, False), (0, True, False, False), (2, False, True, False), (2, True, False, False)]
+    for dt in ("bf16", "fp32"):
+        sig = {**ptrs("x_ptr w_ptr ws_ptr out_ptr", dt), "expert_ptr": "*i64",
+               **ints("N K S R E stride_xm stride_we stride_wn stride_sn part_off stride_om")}
+        configs = kinds.values() if dt == "fp32" else triton_experts._CONFIGS
         for bn, bk, warps, grouped in configs:
-            for parts, own_row, relu2, residual in variants:
+            for parts, own_row, relu2 in ((0, False, True), (0, True, False), (2, False, True), (2, True, False)):
                 consts = {"K": 2688, "BLOCK_N": bn, "BLOCK_K": bk, "ROW_DIV": 1 if own_row else 6,
-                          "OWN_ROW": own_row, "PARTS": parts, "RELU2": relu2, "HAS_RES": residual,
-                          "SINGLE": single, "GROUPED": grouped, "S_P2": 64, "MG": 16, "IEEE": dt == "fp32"}
+                          "OWN_ROW": own_row, "PARTS": parts, "RELU2": relu2, "GROUPED": grouped, "S_P2": 64,
+                          "MG": 16, "IEEE": dt == "fp32"}
                 if parts == 0:
                     consts["ws_ptr"] = None
-                if not residual:
-                    consts["res_ptr"] = None
-                results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} single={single} "
-                                           f"parts={parts} own_row={own_row} relu2={relu2} residual={residual}",
-                                           gemv, sig, consts, warps))
+                results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} "
+                                           f"parts={parts} own_row={own_row} relu2={relu2}", gemv, sig, consts, warps))
+
+    _, gemv_plain, _ = triton_gemv._kernel()
+    sig = {**ptrs("x_ptr w_ptr res_ptr out_ptr", "bf16"), "part_ptr": "*fp32", "count_ptr": "*i32",
+           **ints("N stride_wn")}
+    for bn, bk, split, warps, stages in triton_gemv._CONFIGS:
+        for relu2, res in ((False, True), (True, False)) if split > 1 else ((False, False),):
+            results.append(compile_one(f"gemv_split_k {bn}x{bk} split={split} relu2={relu2} res={res}", gemv_plain, sig,
+                                       {"K": 4096, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "RELU2": relu2,
+                                        "HAS_RES": res, "IEEE": False}, warps,
+                                       aligned="x_ptr w_ptr res_ptr out_ptr part_ptr stride_wn", stages=stages))
 
     fwd, bwd, _ = triton_act._kernels()
     for dt in ("bf16", "fp16", "fp32"):

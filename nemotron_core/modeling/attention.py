@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backend import BackendConfig, resolve_attn
 from ..ops import triton_decode_attn
 from ..ops.attention import eager_attention, sdpa_attention
-from .linear import Linear, add_linear
+from .linear import Linear, add_linear, project
 
 
 class Attention(nn.Module):
@@ -41,7 +40,7 @@ class Attention(nn.Module):
         fused = self._fused_weight(projs) if x.is_cuda and not torch.is_grad_enabled() else None
         if fused is None:
             return tuple(p(x) for p in projs)
-        return F.linear(x, fused).split([p.out_features for p in projs], dim=-1)
+        return project(self.backend, x, fused).split([p.out_features for p in projs], dim=-1)
 
     def _fused_weight(self, projs: tuple[nn.Module, ...]) -> torch.Tensor | None:
         if torch.compiler.is_compiling() or any(

@@ -289,7 +289,8 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         self.backend = backend or BackendConfig()
         self.mtp_loss_scaling_factor = float(mtp_loss_scaling_factor)
         self.model = NemotronV3Model(config, self.backend, kwargs.get("moe_config"), kwargs.get("moe_overrides"))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.backend = self.backend  # (a batch-1 decode step may take the Triton GEMV)
         self.mtp = None
         if config.num_nextn_predict_layers > 0:
             from .mtp import MTPHead

@@ -37,12 +37,6 @@ _PLAIN_TILES = ((32, 256, 8), (16, 512, 8))
 _GROUPED_TILES = ((32, 128, 4), (64, 128, 4), (32, 256, 8), (64, 256, 8))
 _CONFIGS = (tuple((bn, bk, w, False) for bn, bk, w in _PLAIN_TILES)
             + tuple((bn, bk, w, True) for bn, bk, w in _GROUPED_TILES))
-# Dense projections (BackendConfig(linear="triton")): the grouped tiles stream the weights through
-# tl.dot's pipelined loads, as they do for the experts, and 16-wide ones give N = 2688 projections
-# 168 programs rather than 84 for the 132 SMs. On the H200 a grouped tile won every dense decode
-# shape of the Nano model at one row (gpu_gemv.py's autotune log), though cuBLAS stays faster.
-_DENSE_CONFIGS = (tuple((bn, bk, w, False) for bn, bk, w in _PLAIN_TILES)
-                  + tuple((bn, bk, w, True) for bn, bk, w in _GROUPED_TILES + ((16, 256, 4), (16, 512, 8))))
 # The interpreter (CPU tests) cannot time configs: it runs this one (tests switch it, then rebuild).
 INTERPRETER_CONFIG = 0
 
@@ -59,13 +53,10 @@ def _kernel():
     configs = (_CONFIGS[INTERPRETER_CONFIG],) if interpreting() else _CONFIGS
 
     @triton.jit
-    def _expert_of(s, valid, expert_ptr, R, E, PARTS: tl.constexpr, SINGLE: tl.constexpr):
+    def _expert_of(s, valid, expert_ptr, R, E, PARTS: tl.constexpr):
         """Expert id of slot(s) ``s``: the routed slots [0, R) read theirs; the shared expert's
-        parts follow them, PARTS a token, as ids E, E + 1, ... (see ``gemv_experts``). A dense
-        projection (SINGLE) has one matrix, "expert" 0, for every row."""
-        if SINGLE:
-            return (s * 0).to(tl.int64)
-        elif PARTS == 0:
+        parts follow them, PARTS a token, as ids E, E + 1, ... (see ``gemv_experts``)."""
+        if PARTS == 0:
             return tl.load(expert_ptr + s, mask=valid, other=-1).to(tl.int64)
         else:
             routed = s < R
@@ -96,15 +87,15 @@ def _kernel():
         return base, row
 
     @triton.jit
-    def _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, res_ptr, out_ptr, N, K: tl.constexpr, S, R, E,
-                       stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_rm, stride_om, slot, e, offs_n,
+    def _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S, R, E,
+                       stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
-                       PARTS: tl.constexpr, RELU2: tl.constexpr, HAS_RES: tl.constexpr, SINGLE: tl.constexpr,
-                       S_P2: tl.constexpr, MG: tl.constexpr, IEEE: tl.constexpr):
+                       PARTS: tl.constexpr, RELU2: tl.constexpr, S_P2: tl.constexpr, MG: tl.constexpr,
+                       IEEE: tl.constexpr):
         """The slots routed to expert ``e``, computed by the program of the first of them (the others
         return at once): its weight tile is read once per K step and multiplied into all member rows."""
         offs_s = tl.arange(0, S_P2)
-        ids = _expert_of(offs_s, offs_s < S, expert_ptr, R, E, PARTS, SINGLE)
+        ids = _expert_of(offs_s, offs_s < S, expert_ptr, R, E, PARTS)
         same = (ids == e) & (offs_s < S)
         if tl.min(tl.where(same, offs_s, S_P2), axis=0) == slot:
             # Member m of the group = the slot whose running count of members is m.
@@ -130,18 +121,15 @@ def _kernel():
                 acc = tl.maximum(acc, 0.0)
                 acc = acc * acc
             mask = valid[:, None] & (offs_n[None, :] < N)
-            if HAS_RES:  # the residual, added before the one rounding (as cuBLAS's addmm does)
-                acc += tl.load(res_ptr + member[:, None].to(tl.int64) * stride_rm + offs_n[None, :],
-                               mask=mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + member[:, None].to(tl.int64) * stride_om + offs_n[None, :],
                      acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def expert_gemv(x_ptr, w_ptr, ws_ptr, expert_ptr, res_ptr, out_ptr, N, K: tl.constexpr, S, R, E,
-                    stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_rm, stride_om,
+    def expert_gemv(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S, R, E,
+                    stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
-                    PARTS: tl.constexpr, RELU2: tl.constexpr, HAS_RES: tl.constexpr, SINGLE: tl.constexpr,
-                    GROUPED: tl.constexpr, S_P2: tl.constexpr, MG: tl.constexpr, IEEE: tl.constexpr):
+                    PARTS: tl.constexpr, RELU2: tl.constexpr, GROUPED: tl.constexpr, S_P2: tl.constexpr,
+                    MG: tl.constexpr, IEEE: tl.constexpr):
         # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
         # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
         # Slot s < R = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
@@ -150,12 +138,12 @@ def _kernel():
         # expert's PARTS parts per token (``gemv_experts``).
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
-        e = _expert_of(slot, slot < S, expert_ptr, R, E, PARTS, SINGLE)  # int64 router ids, or int32
+        e = _expert_of(slot, slot < S, expert_ptr, R, E, PARTS)  # int64 router ids, or int32
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if GROUPED:  # (a dense projection's rows form one group: its weights are read once for all)
-            _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, res_ptr, out_ptr, N, K, S, R, E, stride_xm, stride_we,
-                           stride_wn, stride_sn, part_off, stride_rm, stride_om, slot, e, offs_n, BLOCK_N, BLOCK_K,
-                           ROW_DIV, OWN_ROW, PARTS, RELU2, HAS_RES, SINGLE, S_P2, MG, IEEE)
+        if GROUPED:
+            _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, N, K, S, R, E, stride_xm, stride_we,
+                           stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n, BLOCK_N, BLOCK_K,
+                           ROW_DIV, OWN_ROW, PARTS, RELU2, S_P2, MG, IEEE)
             return
         row = _row_of(slot, R, ROW_DIV, PARTS, OWN_ROW).to(tl.int64)
         w_base, w_row = _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS)
@@ -169,8 +157,6 @@ def _kernel():
         if RELU2:
             acc = tl.maximum(acc, 0.0)
             acc = acc * acc
-        if HAS_RES:
-            acc += tl.load(res_ptr + slot * stride_rm + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         tl.store(out_ptr + slot * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
     globals().update(tl=tl, _grouped_slots=_grouped_slots, _expert_of=_expert_of, _row_of=_row_of,
@@ -187,38 +173,34 @@ def _kernel():
             do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
         )(expert_gemv)
 
-    # Three tuners over one kernel: dense projections (SINGLE) have their own list, and so do inputs
-    # with too many slots for a grouped tile (``_gemv``).
+    # Two tuners over one kernel: inputs with too many slots for a grouped tile have their own list
+    # (``_gemv``).
     if interpreting():
-        experts = dense = plain = tuned(configs)
+        experts = plain = tuned(configs)
     else:
-        plain_configs = tuple(c for c in _CONFIGS if not c[3])
-        experts, dense, plain = tuned(configs), tuned(_DENSE_CONFIGS), tuned(plain_configs)
-    return experts, dense, plain, triton.cdiv
+        experts, plain = tuned(configs), tuned(tuple(c for c in _CONFIGS if not c[3]))
+    return experts, plain, triton.cdiv
 
 
-def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_div: int | None, relu2: bool,
+def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int | None, relu2: bool,
           tokens: int = 1, shared_w: torch.Tensor | None = None, parts: int = 0,
-          split_rows: bool = True, residual: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+          split_rows: bool = True, config: dict | None = None) -> torch.Tensor:
     """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (``x[s]`` when ``row_div`` is None),
-    relu2'd if asked; with ``experts=None``, ``w`` holds one matrix and row s is ``w[0] @ x[s]``.
+    relu2'd if asked.
 
     With ``shared_w`` (the shared expert's matrix, ``parts`` times an expert's size, cut along its
     rows (``split_rows``) or its columns), ``tokens * parts`` slots follow the routed ones: slot
     ``R + t * parts + j`` is part j of it applied to token t (x row t, or the slot's own row).
-    ``residual`` (``[rows, N]``, optional) is added to row s in fp32 before the one rounding.
     ``config`` (``BLOCK_N``, ``BLOCK_K``, ``GROUPED``, ``num_warps``, ``num_stages``) bypasses the
     autotuner (``benchmarks/gpu_gemv_sweep.py`` times candidates this way).
     """
-    experts_kernel, dense_kernel, plain_kernel, cdiv = _kernel()
+    experts_kernel, plain_kernel, cdiv = _kernel()
     n, k = w.shape[1], w.shape[2]
-    routed = experts.shape[0] if experts is not None else x.shape[0]
+    routed = experts.shape[0]
     rows = routed + tokens * parts
     s_p2, mg = triton_moe._next_pow2(rows), max(16, triton_moe._next_pow2(tokens))
-    if s_p2 * mg > MAX_GROUP_TILE:  # a grouped tile would not fit: plain tiles only
-        kernel = plain_kernel
-    else:
-        kernel = dense_kernel if experts is None else experts_kernel
+    # A grouped tile that would not fit: plain tiles only.
+    kernel = plain_kernel if s_p2 * mg > MAX_GROUP_TILE else experts_kernel
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (rows, cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     if shared_w is None:
@@ -229,39 +211,11 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor | None, row_di
     # A group holds at most one slot per token (a token's experts are distinct, and so are its shared
     # parts): MG >= tokens rows cover it (tl.dot wants at least 16).
     launch = kernel[grid] if config is None else functools.partial(kernel.fn[grid], **config)
-    launch(x, w, shared_w, experts if experts is not None else x, residual, out, n, k, rows, routed, w.shape[0],
-           x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off,
-           0 if residual is None else residual.stride(0), out.stride(0),
-           ROW_DIV=row_div or 1, OWN_ROW=row_div is None, PARTS=parts, RELU2=relu2,
-           HAS_RES=residual is not None, SINGLE=experts is None, S_P2=s_p2, MG=mg,
+    launch(x, w, shared_w, experts, out, n, k, rows, routed, w.shape[0],
+           x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off, out.stride(0),
+           ROW_DIV=row_div or 1, OWN_ROW=row_div is None, PARTS=parts, RELU2=relu2, S_P2=s_p2, MG=mg,
            IEEE=x.dtype == torch.float32)
     return out
-
-
-# Dense projections of at most this many rows (batch-1 decode) may take the GEMV instead of cuBLAS.
-# At 8 rows the grouped tiles, which read the weights once for all rows, still took 2 to 3 times
-# cuBLAS's time on the H200 (benchmarks/gpu_gemv.py), so batches stay with cuBLAS.
-MAX_DENSE_ROWS = 1
-
-
-def dense_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``dense_gemv`` takes ``x [..., K]`` against ``weight [N, K]``: CUDA (or the CPU
-    interpreter), a few rows, contiguous last dims, one dtype."""
-    if x.numel() > MAX_DENSE_ROWS * x.shape[-1] or x.dtype != weight.dtype or weight.stride(-1) != 1:
-        return False
-    return triton_moe.usable(x)
-
-
-def dense_gemv(x: torch.Tensor, weight: torch.Tensor, relu2: bool = False,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T`` (then relu2 if asked; or plus ``residual``, added in fp32 before the one
-    rounding) for a few rows, as one launch: at decode cuBLAS uses a split-K GEMM plus a reduction
-    kernel per projection. ``x [..., K]``, ``weight [N, K]``, ``residual [..., N]`` in x's dtype."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    res = None if residual is None else residual.reshape(-1, weight.shape[0]).contiguous()
-    out = _gemv(x2, weight.unsqueeze(0), None, row_div=None, relu2=relu2, tokens=x2.shape[0], residual=res)
-    return out.view(*lead, weight.shape[0])
 
 
 def takes(device: torch.device, slots: int) -> bool:

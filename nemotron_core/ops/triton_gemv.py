@@ -1,0 +1,156 @@
+"""One row times a weight matrix (a batch-1 decode projection) as one Triton kernel with split K.
+
+A decode step's dense projections read their weights once and are bound by that read. cuBLAS runs
+the narrow ones (N = 2688 outputs over K = 4096 inputs: the Mamba out_proj and attention o_proj of
+the Nano model) as a split-K GEMM plus a reduction kernel, and reached about 2.2 TB/s on the H200,
+about 10 us a call; a plain GEMV with one program per block of rows has too few programs for the
+132 SMs (84 at 32 rows each). Here each of SPLIT programs per row block reads a K range; the
+partial sums go to a small fp32 workspace, and the last program of a row block to finish (an
+atomic counter per block) adds them up in a fixed order (deterministic), adds the residual if any,
+and writes the result, rounded once. So the reduction needs no second launch, and the counters are
+reset by that last program, so the same buffer serves the next call (and CUDA graph replays).
+
+The counters are one buffer per device: calls must not run concurrently on two streams.
+
+``gemv_reference`` is the plain-PyTorch definition. The kernel also runs under Triton's interpreter
+(CPU tests).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .triton_moe import usable
+
+# Launch configs (BLOCK_N, BLOCK_K, SPLIT, warps, stages) the autotuner picks from per (N, K).
+# SPLIT 1 serves wide projections (the Mamba in_proj, 10304 rows, and the LM head); the others
+# give narrow ones enough programs.
+_CONFIGS = ((32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (32, 256, 1, 4, 3),
+            (32, 128, 2, 4, 4), (32, 128, 4, 4, 4), (16, 128, 4, 4, 4), (32, 256, 2, 4, 4), (16, 256, 2, 4, 4))
+INTERPRETER_CONFIG = 4
+_MAX_BLOCKS = 1 << 16  # row blocks the counter buffer covers (N up to 1M rows at 16 per block)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+    import triton.testing
+
+    from .triton_moe import interpreting
+
+    @triton.jit
+    def _epilogue(y, res_ptr, out_ptr, offs_n, mask_n, RELU2: tl.constexpr, HAS_RES: tl.constexpr):
+        if RELU2:  # the MLP activation, relu(y)^2
+            y = tl.maximum(y, 0.0)
+            y = y * y
+        if HAS_RES:  # added in fp32 before the one rounding, as cuBLAS's addmm does
+            y += tl.load(res_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def gemv_split_k(x_ptr, w_ptr, res_ptr, out_ptr, part_ptr, count_ptr, N, K: tl.constexpr, stride_wn,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, RELU2: tl.constexpr,
+                     HAS_RES: tl.constexpr, IEEE: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        # The row as row 0 of a 16-row tile (tl.dot's minimum): the weights stream through the
+        # dot's pipelined loads, which beat plain loads here; the other 15 rows are zeros.
+        rows = tl.arange(0, 16)
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, (K + SPLIT - 1) // SPLIT, BLOCK_K):  # this split's K range
+            offs_k = pid_k * ((K + SPLIT - 1) // SPLIT) + k0 + tl.arange(0, BLOCK_K)
+            in_k = (offs_k < K) & (k0 + tl.arange(0, BLOCK_K) < (K + SPLIT - 1) // SPLIT)
+            xs = tl.load(x_ptr + rows[:, None] * 0 + offs_k[None, :], mask=(rows[:, None] == 0) & in_k[None, :],
+                         other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+                        mask=mask_n[:, None] & in_k[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xs, tl.trans(w), acc)
+        y = tl.sum(acc, axis=0)  # row 0 (the others are 0)
+        if SPLIT > 1:
+            tl.store(part_ptr + pid_k * N + offs_n, y, mask=mask_n)
+            # Every thread's partial stored before the counter moves (the atomic releases them at
+            # GPU scope); then learn whether every other split of this row block is done.
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if done == SPLIT - 1:
+                y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for s in tl.static_range(SPLIT):  # a fixed order: the same bits every time
+                    y += tl.load(part_ptr + s * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next call
+                _epilogue(y, res_ptr, out_ptr, offs_n, mask_n, RELU2, HAS_RES)
+        else:
+            _epilogue(y, res_ptr, out_ptr, offs_n, mask_n, RELU2, HAS_RES)
+
+    globals().update(tl=tl, _epilogue=_epilogue)  # the interpreter resolves names here
+    if interpreting():
+        return gemv_split_k, gemv_split_k, triton.cdiv  # configs are chosen by the caller (no timing here)
+    tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp}, num_warps=w, num_stages=st)
+                 for bn, bk, sp, w, st in _CONFIGS],
+        key=["N", "K"],
+        cache_results=True,
+        do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
+    )(gemv_split_k)
+    return tuned, gemv_split_k, triton.cdiv
+
+
+@functools.lru_cache(maxsize=None)
+def _counters(device: torch.device) -> torch.Tensor:
+    # Zeroed once; each call's last program per row block puts its counter back to 0.
+    return torch.zeros(_MAX_BLOCKS, dtype=torch.int32, device=device)
+
+
+def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``gemv`` takes ``x`` (one row, ``[..., K]``) against ``weight [N, K]``."""
+    return (x.numel() == x.shape[-1] == weight.shape[1] and weight.dim() == 2 and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.stride(1) == 1
+            and weight.shape[0] <= 16 * _MAX_BLOCKS and usable(x))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, relu2: bool = False,
+         config: dict | None = None) -> torch.Tensor:
+    """``x @ weight.T`` (then relu2 if asked; or ``+ residual``, added in fp32 before the one rounding)
+    for one row ``x [..., K]``;
+    ``[..., N]`` in x's dtype. ``config`` (``BLOCK_N``, ``BLOCK_K``, ``SPLIT``, ``num_warps``,
+    ``num_stages``) bypasses the autotuner."""
+    if not supported(x, weight):
+        raise ValueError(f"gemv takes one row against a matrix of its width and dtype, got x {tuple(x.shape)} "
+                         f"{x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    x = x.reshape(k).contiguous()
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    res = residual.reshape(n).contiguous() if residual is not None else out
+    tuned, plain, cdiv = _kernel()
+    from .triton_moe import interpreting
+
+    if config is None and interpreting():
+        bn, bk, sp, w, st = _CONFIGS[INTERPRETER_CONFIG]
+        config = {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp, "num_warps": w, "num_stages": st}
+    # The workspace for the largest split a config may use (a few KB: N fp32 per split).
+    splits = max(c[2] for c in _CONFIGS) if config is None else config["SPLIT"]
+    part = torch.empty(splits, n, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
+    launch = tuned[grid] if config is None else functools.partial(plain[grid], **config)
+    launch(x, weight, res, out, part, _counters(x.device), n, k, weight.stride(0),
+           RELU2=relu2, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32)
+    return out.view(*lead, n)
+
+
+def gemv_reference(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
+                   relu2: bool = False) -> torch.Tensor:
+    """What ``gemv`` computes: fp32 products and sums, relu2 or the residual in fp32, one rounding."""
+    y = x.float() @ weight.float().t()
+    if relu2:
+        y = torch.relu(y).square()
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
