@@ -35,7 +35,13 @@ def _linear(model, on: bool) -> None:
     model.model.backend.linear = "triton" if on else "torch"  # (shared by every Linear)
 
 
-SWITCHES = {"linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
+def _sorted_experts(model, on: bool) -> None:
+    from nemotron_core.ops import triton_sorted_experts
+
+    triton_sorted_experts.ENABLED = on
+
+
+SWITCHES = {"sorted_experts": _sorted_experts, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 
 def main() -> None:

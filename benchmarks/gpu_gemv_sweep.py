@@ -39,6 +39,27 @@ def _time(call, configs) -> list[dict]:
     return rows
 
 
+def prompt_experts(results: dict, randn, up, down) -> None:
+    """A prompt's routed experts (128 and 1024 tokens, random routing over all 128 experts): torch's
+    grouped GEMM path against the expert-sorted Triton kernels, whole ``*_experts`` calls."""
+    from nemotron_core.ops import triton_sorted_experts
+    from nemotron_core.ops.experts import grouped_experts
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    nbytes = 2 * E * INTER * HIDDEN * 2  # every expert's two matrices, once
+    for tokens in (128, 1024):
+        x = randn(tokens, HIDDEN)
+        idx = torch.rand(tokens, E, device="cuda", generator=g).argsort(-1)[:, :TOPK]
+        w = torch.rand(tokens, TOPK, device="cuda", generator=g)
+        with torch.no_grad():
+            row = {"grouped_mm_us": graph_time_us(lambda: grouped_experts(x, idx, w, up, down), reps=3),
+                   "sorted_triton_us": graph_time_us(lambda: triton_sorted_experts.sorted_experts(x, idx, w, up, down),
+                                                     reps=3)}
+        row.update({key.replace("_us", "_TBs"): round(nbytes / v / 1e6, 2) for key, v in list(row.items())})
+        results[f"prompt experts {tokens} tokens"] = row
+        print(f"prompt experts, {tokens} tokens:", row, flush=True)
+
+
 def small_kernels(results: dict, randn) -> None:
     """The MoE block's small decode kernels with and without the folded RMSNorms: the router's partial
     logits (norm of the block's input) and the combine (norm of the block's output, for the next
@@ -76,7 +97,8 @@ def small_kernels(results: dict, randn) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--parts", default="experts,dense,small", help="comma-separated: experts, dense, small")
+    ap.add_argument("--parts", default="experts,dense,prompt,small",
+                    help="comma-separated: experts, dense, prompt, small")
     args = ap.parse_args()
     parts_wanted = set(args.parts.split(","))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -138,6 +160,8 @@ def main() -> None:
         print(f"dense {name} b1 (us):", row, flush=True)
         del ws
         torch.cuda.empty_cache()
+    if "prompt" in parts_wanted:
+        prompt_experts(results, randn, up, down)
     if "small" in parts_wanted:
         small_kernels(results, randn)
     if args.out:

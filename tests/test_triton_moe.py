@@ -387,3 +387,33 @@ def test_moe_decode_with_norms_equals_the_block_with_its_norms(monkeypatch) -> N
         out, nxt = block.mixer.decode_with_norms(x, block.norm, None, None)
         assert nxt is None and tiny.rel_err(want.float(), out.float()) <= 1e-2
         assert isinstance(block, Block)
+
+
+# ---- a short prompt's experts, tokens sorted by expert ----------------------------------------------------
+@pytest.mark.parametrize("n_tok,n_exp,k", [(37, 8, 2), (50, 4, 3)])
+@pytest.mark.parametrize("with_shared", [False, True])
+@torch.no_grad()
+def test_sorted_experts_match_loop(n_tok: int, n_exp: int, k: int, with_shared: bool) -> None:
+    """The prompt path: every expert's slots in chunks of 16 rows (50 tokens on 4 experts: up to 50 slots
+    an expert, four chunks; 37 tokens on 8 experts: some experts empty or nearly), both projections,
+    against the loop reference (fp32)."""
+    from nemotron_core.ops import triton_sorted_experts
+
+    x, idx, w, up, down, shared = _experts(n_tok=n_tok, n_exp=n_exp, k=k, d_in=40, inter=24, seed=n_tok)
+    shared = shared if with_shared else None
+    assert triton_sorted_experts.supported(x, idx, up, down)
+    want = loop_experts(x, idx, w, up, down, shared)
+    got = triton_sorted_experts.sorted_experts(x, idx, w, up, down, shared)
+    assert got.shape == want.shape and tiny.rel_err(want, got) <= TOL
+
+
+@torch.no_grad()
+def test_sorted_experts_leave_long_prompts_to_the_grouped_gemm() -> None:
+    from nemotron_core.ops import triton_sorted_experts
+
+    x, idx, _, up, down, _ = _experts(n_tok=4, n_exp=8, k=2, d_in=16, inter=8)
+    assert triton_sorted_experts.supported(x, idx, up, down)
+    many = torch.zeros(triton_sorted_experts.MAX_SLOTS + 1, 1, dtype=torch.long, device=DEVICE)
+    assert not triton_sorted_experts.supported(x, many, up, down)
+    with torch.enable_grad():
+        assert not triton_sorted_experts.supported(x, idx, up, down)  # no backward

@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from nemotron_core.ops import triton_act, triton_ce, triton_conv, triton_experts, triton_moe, triton_router  # noqa: E402,E501
-from nemotron_core.ops import triton_decode_attn, triton_gemv  # noqa: E402
+from nemotron_core.ops import triton_decode_attn, triton_gemv, triton_sorted_experts  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -125,6 +125,19 @@ def main() -> int:
                     consts["ws_ptr"] = None
                 results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} "
                                            f"parts={parts} own_row={own_row} relu2={relu2}", gemv, sig, consts, warps))
+
+    sorted_gemm = triton_sorted_experts._kernel()[0]
+    sig = {**ptrs("x_ptr w_ptr out_ptr", "bf16"), **ptrs("order_ptr start_ptr count_ptr", "i64"),
+           **ints("N K stride_xm stride_we stride_wn stride_om")}
+    for bn, bk, warps in triton_sorted_experts._CONFIGS:
+        for mg in (16, 64):
+            for own_row in (False, True):
+                results.append(compile_one(f"expert_gemm_sorted {bn}x{bk}/{warps} MG={mg} own_row={own_row}",
+                                           sorted_gemm, sig,
+                                           {"K": 2688, "ROW_DIV": 1 if own_row else 6, "OWN_ROW": own_row,
+                                            "RELU2": not own_row, "MG": mg, "CHUNKS": 0, "BLOCK_N": bn,
+                                            "BLOCK_K": bk, "IEEE": False}, warps,
+                                           aligned="x_ptr w_ptr out_ptr stride_xm stride_we stride_wn stride_om"))
 
     _, gemv_plain, _ = triton_gemv._kernel()
     sig = {**ptrs("x_ptr w_ptr res_ptr out_ptr", "bf16"), "part_ptr": "*fp32", "count_ptr": "*i32",

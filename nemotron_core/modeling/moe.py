@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import triton_experts, triton_moe, triton_router
+from ..ops import triton_experts, triton_moe, triton_router, triton_sorted_experts
 from ..ops.experts import grouped_experts, grouped_mm_supported, loop_experts
 from .linear import Linear
 from .mlp import MLP
@@ -123,6 +123,8 @@ class Experts(nn.Module):
             return loop_experts(x, idx, weights, up, down, shared)
         if gemv:  # decode: a few slots
             return triton_experts.gemv_experts(x, idx, weights, up, down, shared)
+        if x.is_cuda and triton_sorted_experts.ENABLED and triton_sorted_experts.supported(x, idx, up, down):
+            return triton_sorted_experts.sorted_experts(x, idx, weights, up, down, shared)  # a short prompt
         return grouped_experts(x, idx, weights, up, down, shared)
 
     def capturable(self, slots: int, dtype: torch.dtype, device: torch.device) -> bool:

@@ -1,0 +1,130 @@
+"""Routed experts for a short prompt: one program per (expert, block of output rows) serves every
+token routed to that expert, reading the expert's weights once.
+
+A prompt of a few hundred tokens gives each of the 128 experts a handful of tokens (128 tokens x 6
+experts: about 6 each), so the expert GEMMs are bound by reading every expert's weights once (1.28
+GB per projection and layer on the Nano model). torch's grouped GEMM (CUTLASS) read them at about
+3.2 TB/s on the H200; its tiles are sized for many rows per expert. Here a program loads one weight
+tile per K step and multiplies it into its expert's tokens (gathered through the expert-sorted slot
+order, ``MG`` at a time) on the tensor cores, as the decode GEMV's grouped tiles do for a few tokens
+(``triton_experts``), writing each slot's row in slot order so that the combine needs no index.
+
+For more tokens per expert the grouped GEMM's large tiles win (it becomes compute-bound), so this
+serves up to ``MAX_SLOTS`` slots. The reference is ``experts.loop_experts``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .triton_moe import _next_pow2, combine_triton, interpreting, usable
+
+# Above this many (token, expert) slots the grouped GEMM takes over (see the module docstring).
+MAX_SLOTS = 8192
+# Whether the model's prompt path uses this (on CUDA, see modeling/moe.py): a switch for benchmarks.
+ENABLED = True
+# (BLOCK_N, BLOCK_K, warps) the autotuner picks from per (N, K, MG).
+_CONFIGS = ((32, 128, 4), (64, 128, 4), (64, 64, 4), (128, 64, 8))
+INTERPRETER_CONFIG = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+    import triton.testing
+
+    @triton.jit
+    def expert_gemm_sorted(x_ptr, w_ptr, order_ptr, start_ptr, count_ptr, out_ptr, N, K: tl.constexpr,
+                           stride_xm, stride_we, stride_wn, stride_om, ROW_DIV: tl.constexpr,
+                           OWN_ROW: tl.constexpr, RELU2: tl.constexpr, MG: tl.constexpr, CHUNKS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        # Program (expert e, row block): the slots order[start[e] : start[e] + count[e]] are e's
+        # (token, expert) pairs; slot s reads x row s // ROW_DIV (up projection) or its own row s
+        # (down projection: the up output of that slot) and writes out row s.
+        e = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        start = tl.load(start_ptr + e)
+        count = tl.load(count_ptr + e)
+        w_base = w_ptr + e.to(tl.int64) * stride_we
+        offs_m = tl.arange(0, MG)
+        # Compiled, the loop runs over this expert's slots only. Triton 3.6's interpreter cannot take
+        # a trip count loaded from memory, so there (CHUNKS > 0) it runs CHUNKS chunks, masked.
+        for c0 in range(0, count if CHUNKS == 0 else CHUNKS * MG, MG):
+            live = c0 + offs_m < count
+            slot = tl.load(order_ptr + start + c0 + offs_m, mask=live, other=0).to(tl.int64)
+            rows = slot if OWN_ROW else slot // ROW_DIV
+            acc = tl.zeros((MG, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                xs = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                             mask=live[:, None] & (offs_k[None, :] < K), other=0.0)
+                w = tl.load(w_base + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+                            mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+                if IEEE:
+                    acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xs, tl.trans(w), acc)
+            if RELU2:
+                acc = tl.maximum(acc, 0.0)
+                acc = acc * acc
+            tl.store(out_ptr + slot[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=live[:, None] & (offs_n[None, :] < N))
+
+    if interpreting():
+        return expert_gemm_sorted, triton.cdiv
+    tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in _CONFIGS],
+        key=["N", "K", "MG"],
+        cache_results=True,
+        do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=3, rep=20, quantiles=quantiles),
+    )(expert_gemm_sorted)
+    return tuned, triton.cdiv
+
+
+def supported(x: torch.Tensor, idx: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether ``sorted_experts`` takes these inputs: a prompt's slot count, one dtype, unit-stride
+    rows, no autograd, and CUDA (or the interpreter)."""
+    return (0 < idx.numel() <= MAX_SLOTS and x.dtype == up.dtype == down.dtype
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and up.stride(-1) == down.stride(-1) == 1 and not torch.is_grad_enabled() and usable(x))
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+             row_div: Optional[int], relu2: bool, tokens: int) -> torch.Tensor:
+    slots = order.numel()
+    n, k = w.shape[1], w.shape[2]
+    out = torch.empty(slots, n, dtype=x.dtype, device=x.device)
+    kernel, cdiv = _kernel()
+    # At most one slot per token and expert, so an expert has at most `tokens` slots: tiles of MG rows
+    # cover the usual few with one weight pass (16: tl.dot's minimum), more rows take larger tiles.
+    mg = min(64, max(16, _next_pow2(-(-slots // w.shape[0]))))
+    interp = interpreting()
+    extra = {}
+    if interp:
+        bn, bk, warps = _CONFIGS[INTERPRETER_CONFIG]
+        extra = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
+    grid = lambda meta: (w.shape[0], cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    kernel[grid](x, w, order, starts, counts, out, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
+                 ROW_DIV=row_div or 1, OWN_ROW=row_div is None, RELU2=relu2, MG=mg,
+                 CHUNKS=cdiv(tokens, mg) if interp else 0, IEEE=x.dtype == torch.float32, **extra)
+    return out
+
+
+def sorted_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                   shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum_j weights[t, j] * expert_{idx[t, j]}(x[t]) (+ shared[t])``, fp32 sum, one rounding: the
+    slots sorted by expert (no host sync), two kernels for the projections, one combine."""
+    from .experts import _sort_key
+
+    ntok, topk = idx.shape
+    flat = idx.reshape(-1)
+    order = _sort_key(flat, up.shape[0]).argsort(stable=True)
+    # scatter_add rather than bincount: bincount syncs with the host on CUDA (it sizes its output).
+    counts = torch.zeros(up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    starts = counts.cumsum(0) - counts
+    h = _project(x.contiguous(), up, order, starts, counts, topk, True, ntok)  # [slots, inter], slot order
+    y = _project(h, down, order, starts, counts, None, False, ntok)  # [slots, out], slot order
+    return combine_triton(y, None, weights, shared, out_dtype=x.dtype)
