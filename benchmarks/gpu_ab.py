@@ -72,6 +72,9 @@ def main() -> None:
             tokens: dict[bool, list] = {}
             for _ in range(args.rounds):
                 for on in (True, False):
+                    # (Set again for each call: a prompt's graph is captured on the second use of its
+                    # length bucket, which may be a timed call.)
+                    SWITCHES[switch](model, on)
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     out = generate(model, prompts, cfg, decoder=decoders[on], sync_every=new)
