@@ -16,15 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from .common import rel
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 HQ, HKV, D, L = 32, 2, 128, 4096
 BF16_TOL = 1e-2
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``max|a - b| / max|b|`` (b is the reference)."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def _ops():

@@ -9,12 +9,10 @@ import torch
 
 from nemotron_core.backend import BackendConfig, mamba_triton_ops
 
+from .common import rel
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_mamba = pytest.mark.skipif(mamba_triton_ops() is None, reason="needs mamba-ssm")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def _scan_inputs(b=2, s=300, h=8, p=32, g=2, n=32, seed=0):

@@ -6,13 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from .common import rel
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 SHAPES = {"mamba in_proj": (10304, 2688), "out_proj": (2688, 4096), "qkv": (4608, 2688), "lm_head": (131072, 2688)}
-
-
-def _err(got: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((got.float() - exact).abs().max() / exact.abs().max()).item()
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -30,7 +28,7 @@ def test_gemv_as_accurate_as_cublas(name: str, residual: bool) -> None:
     got = triton_gemv.gemv(x, w, res)
     assert got.dtype == torch.bfloat16 and got.shape == (1, n)
     # One rounding of an fp32 sum: within bf16's half-ulp of the exact result, like cuBLAS.
-    assert _err(got, exact) <= max(2 * _err(cublas, exact), 4e-3)
+    assert rel(got, exact) <= max(2 * rel(cublas, exact), 4e-3)
     assert torch.equal(got, triton_gemv.gemv(x, w, res))  # deterministic (fixed reduction order)
 
 

@@ -14,15 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from .common import rel
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 HIDDEN, N_EXP, TOP_K, INTER = 2688, 128, 6, 1856
 BF16_TOL = 1e-2
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``max|a - b| / max|b|`` (b is the reference)."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def _need_triton():
