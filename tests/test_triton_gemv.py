@@ -41,3 +41,22 @@ def test_gemv_default_config_and_supported() -> None:
     assert not triton_gemv.supported(x.double(), w.double())
     with pytest.raises(ValueError, match="one row"):
         triton_gemv.gemv(torch.randn(2, 64).to(DEVICE), w)
+
+
+def test_linear_policy_sends_only_what_measured_faster() -> None:
+    """``linear="auto"`` (the default) takes the GEMV on CUDA only, for the shapes where it beat cuBLAS
+    on the H200; "triton" for every single row (here the interpreter stands in for the GPU); "torch"
+    never; autograd and several rows never."""
+    from nemotron_core.backend import BackendConfig
+    from nemotron_core.modeling.linear import gemv_pays, takes_gemv
+
+    assert BackendConfig().linear == "auto"
+    assert gemv_pays(10304, 2688) and gemv_pays(2688, 4096) and gemv_pays(131072, 2688)
+    assert not gemv_pays(4608, 2688)  # the fused q/k/v: cuBLAS was faster
+    x, w = torch.randn(1, 64).to(DEVICE), torch.randn(48, 64).to(DEVICE)
+    with torch.no_grad():
+        assert takes_gemv(BackendConfig(linear="triton"), x, w)
+        assert not takes_gemv(BackendConfig(linear="torch"), x, w)
+        assert not takes_gemv(BackendConfig(linear="triton"), torch.randn(2, 64).to(DEVICE), w)
+        assert takes_gemv(BackendConfig(), x, w) == (x.is_cuda and gemv_pays(48, 64))  # False: small, or CPU
+    assert not takes_gemv(BackendConfig(linear="triton"), x, w)  # autograd on
