@@ -77,10 +77,7 @@ def grouped_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, u
     if not grouped_mm_supported(x, up, down):
         return loop_experts(x, idx, weights, up, down, shared)
     ntok, topk = idx.shape
-    flat = idx.reshape(-1)
-    order = _sort_key(flat, up.shape[0]).argsort(stable=True)
-    # scatter_add rather than bincount: bincount syncs with the host on CUDA (it sizes its output).
-    counts = torch.zeros(up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    order, counts = sort_by_expert(idx, up.shape[0])
     offs = counts.cumsum(0).to(torch.int32)
     xs = x.index_select(0, order // topk)
     h = relu2(_grouped_mm(xs, up.transpose(1, 2), offs))
@@ -96,6 +93,16 @@ def grouped_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, u
     slots = y.index_select(0, inverse)
     out = (slots.view(ntok, topk, -1).float() * weights[..., None].float()).sum(1)
     return _finish(out, shared, x.dtype)
+
+
+def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the (token, expert) slots ``t * k + j`` in order of expert id, stable; slots per expert), on the
+    device without a host sync."""
+    flat = idx.reshape(-1)
+    order = _sort_key(flat, n_experts).argsort(stable=True)
+    # scatter_add rather than bincount: bincount syncs with the host on CUDA (it sizes its output).
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return order, counts
 
 
 def _sort_key(ids: torch.Tensor, n_experts: int) -> torch.Tensor:

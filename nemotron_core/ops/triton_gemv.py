@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from .triton_moe import usable
+from .triton_moe import interpreting, usable
 
 # Launch configs (BLOCK_N, BLOCK_K, SPLIT, warps, stages) the autotuner picks from per (N, K).
 # SPLIT 1 serves wide projections (the Mamba in_proj, 10304 rows, and the LM head); the others
@@ -37,8 +37,6 @@ def _kernel():
     import triton
     import triton.language as tl
     import triton.testing
-
-    from .triton_moe import interpreting
 
     @triton.jit
     def _epilogue(y, res_ptr, out_ptr, offs_n, mask_n, RELU2: tl.constexpr, HAS_RES: tl.constexpr):
@@ -129,8 +127,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     res = residual.reshape(n).contiguous() if residual is not None else out
     tuned, plain, cdiv = _kernel()
-    from .triton_moe import interpreting
-
     if config is None and interpreting():
         bn, bk, sp, w, st = _CONFIGS[INTERPRETER_CONFIG]
         config = {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp, "num_warps": w, "num_stages": st}

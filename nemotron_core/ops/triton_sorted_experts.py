@@ -117,13 +117,10 @@ def sorted_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up
                    shared: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``sum_j weights[t, j] * expert_{idx[t, j]}(x[t]) (+ shared[t])``, fp32 sum, one rounding: the
     slots sorted by expert (no host sync), two kernels for the projections, one combine."""
-    from .experts import _sort_key
+    from .experts import sort_by_expert
 
     ntok, topk = idx.shape
-    flat = idx.reshape(-1)
-    order = _sort_key(flat, up.shape[0]).argsort(stable=True)
-    # scatter_add rather than bincount: bincount syncs with the host on CUDA (it sizes its output).
-    counts = torch.zeros(up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    order, counts = sort_by_expert(idx, up.shape[0])
     starts = counts.cumsum(0) - counts
     h = _project(x.contiguous(), up, order, starts, counts, topk, True, ntok)  # [slots, inter], slot order
     y = _project(h, down, order, starts, counts, None, False, ntok)  # [slots, out], slot order
