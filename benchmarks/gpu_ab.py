@@ -41,7 +41,23 @@ def _sorted_experts(model, on: bool) -> None:
     triton_sorted_experts.ENABLED = on
 
 
-SWITCHES = {"sorted_experts": _sorted_experts, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
+def _mamba_step(model, on: bool) -> None:
+    from nemotron_core.ops import triton_mamba_step
+
+    triton_mamba_step.ENABLED = on
+
+
+def _mamba_step_without_mamba_ssm(model, on: bool) -> None:
+    """The fused Mamba decode step against the reference ops it replaces where mamba-ssm is absent
+    (hidden for the rest of the process: give this switch alone)."""
+    from nemotron_core import backend
+
+    backend.mamba_triton_ops = lambda: None
+    _mamba_step(model, on)
+
+
+SWITCHES = {"mamba_step": _mamba_step, "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm,
+            "sorted_experts": _sorted_experts, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from nemotron_core.ops import triton_act, triton_ce, triton_conv, triton_experts, triton_moe, triton_router  # noqa: E402,E501
-from nemotron_core.ops import triton_decode_attn, triton_gemv, triton_sorted_experts  # noqa: E402
+from nemotron_core.ops import triton_decode_attn, triton_gemv, triton_mamba_step, triton_sorted_experts  # noqa: E402,E501
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -189,6 +189,15 @@ def main() -> int:
         sig = {**ptrs("m_ptr l_ptr o_ptr", "fp32"), "out_ptr": f"*{dt}"}
         results.append(compile_one(f"decode_attn_combine {dt} splits={splits}", combine, sig,
                                    {"SPLITS": splits, "D": 128, "BLOCK_S": min(16, triton_moe._next_pow2(splits))}, 2))
+    step = triton_mamba_step._kernel()
+    for dt, block_p in (("bf16", 32), ("bf16", 64), ("fp32", 64)):
+        sig = {**ptrs("zx_ptr cst_ptr cw_ptr cb_ptr", dt), **ptrs("sst_ptr A_ptr D_ptr dtb_ptr", "fp32"),
+               "nw_ptr": f"*{dt}", "out_ptr": f"*{dt}", **ptrs("gated_ptr sq_ptr", "fp32"), "count_ptr": "*i32",
+               **{n: "fp32" for n in ("dt_min", "dt_max", "eps")},
+               **ints("stride_zb stride_cb stride_cc stride_ck stride_wc stride_wk stride_sb stride_sh stride_sp "
+                      "stride_sn stride_ob")}
+        consts = {"H": 64, "G": 8, "P": 64, "N": 128, "K": 4, "KP": 4, "BLOCK_P": block_p, "HAS_BIAS": True}
+        results.append(compile_one(f"mamba_step {dt} block_p={block_p}", step, sig, consts, 4))
     print(f"{sum(results)} of {len(results)} kernel variants compiled for sm_90")
     return 0 if all(results) else 1
 

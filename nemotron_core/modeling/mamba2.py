@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..backend import BackendConfig, mamba_triton_ops, resolve_mamba
-from ..ops import triton_conv
+from ..ops import triton_conv, triton_mamba_step
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.ssd import ssd_scan, ssd_step
 from ..ops.triton_conv import causal_conv1d_triton, causal_conv1d_update_triton
@@ -77,12 +77,18 @@ class Mamba2(nn.Module):
     def forward(self, hidden: torch.Tensor, meta, cache=None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The block's output; with ``residual``, ``residual + output``."""
         b, s, _ = hidden.shape
-        z, xbc, dt = self.in_proj(_zero_padding(hidden, meta.padding_mask)).split(
-            [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        zxbcdt = self.in_proj(_zero_padding(hidden, meta.padding_mask))
         A = self._A()
         conv_w = self.conv1d.weight.squeeze(1)
         state = cache.mamba_state(self.layer_idx) if cache is not None else None
         continuing = state is not None and meta.past_len > 0
+        if continuing and s == 1 and self._fused_step(zxbcdt, state, conv_w):
+            # decode: conv, state update and gated norm as one kernel
+            y = triton_mamba_step.mamba_step(zxbcdt.view(b, -1), state.conv, conv_w, self.conv1d.bias, state.ssm, A,
+                                             self.D, self.dt_bias, self.dt_limit, self.norm.weight, self.norm.eps,
+                                             self.n_groups)
+            return add_linear(residual, self.out_proj, y.view(b, 1, self.d_inner), meta)
+        z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
 
         if continuing and s == 1:  # decode: O(1) state update
             conv_step = causal_conv1d_update_triton if self._triton_conv(xbc) else causal_conv1d_step
@@ -127,6 +133,19 @@ class Mamba2(nn.Module):
         # helpers it calls, and fuses the reference's element-wise work anyway.
         return (self.backend.mamba != "torch" and x.is_cuda and not torch.compiler.is_compiling()
                 and triton_conv.supported(x, self.conv1d.weight))
+
+    def _fused_step(self, zxbcdt: torch.Tensor, state, conv_w: torch.Tensor) -> bool:
+        # Inference on CUDA with our kernels (backend mamba="torch" keeps the reference ops), where
+        # the output dtype is out_proj's (no autocast) and the shapes fit the kernel; by default only
+        # without mamba-ssm (see triton_mamba_step.ENABLED).
+        enabled = triton_mamba_step.ENABLED
+        if enabled is None:
+            enabled = zxbcdt.is_cuda and resolve_mamba(self.backend, "cuda") == "torch"
+        return (enabled and zxbcdt.is_cuda and self.backend.mamba != "torch"
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled("cuda") and zxbcdt.dtype == self.out_proj.weight.dtype
+                and triton_mamba_step.supported(zxbcdt.view(zxbcdt.shape[0], -1), state.conv, state.ssm, conv_w,
+                                                self.n_groups))
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if resolve_mamba(self.backend, y.device.type) == "triton":
