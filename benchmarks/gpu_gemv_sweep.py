@@ -94,11 +94,52 @@ def small_kernels(results: dict, randn) -> None:
         print(f"small kernels b{batch} (us per call):", times, flush=True)
 
 
+SORTED_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+                  for bn, bk, w, st in ((32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3),
+                                        (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 2), (256, 64, 8, 3),
+                                        (256, 64, 8, 2), (256, 128, 8, 2), (64, 128, 4, 4), (128, 64, 8, 4))]
+
+
+def prompt_configs(results: dict, randn, up, down) -> None:
+    """The expert-sorted prompt kernel's projections (up with relu2, down) over tile configs, at 128
+    and 1024 tokens with random routing: which configs its autotuner should choose from."""
+    from nemotron_core.ops import triton_sorted_experts
+    from nemotron_core.ops.experts import sort_by_expert
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    nbytes = E * INTER * HIDDEN * 2  # every expert's matrix of one projection, once
+    for tokens in (128, 1024):
+        x = randn(tokens, HIDDEN)
+        idx = torch.rand(tokens, E, device="cuda", generator=g).argsort(-1)[:, :TOPK]
+        order, counts = sort_by_expert(idx, E)
+        starts = counts.cumsum(0) - counts
+        h = randn(tokens * TOPK, INTER)
+        calls = {"up": lambda cfg: triton_sorted_experts._project(x, up, order, starts, counts, TOPK, True, tokens,
+                                                                  config=cfg),
+                 "down": lambda cfg: triton_sorted_experts._project(h, down, order, starts, counts, None, False,
+                                                                    tokens, config=cfg)}
+        for name, call in calls.items():
+            rows = []
+            for cfg in [None] + SORTED_CONFIGS:
+                try:
+                    with torch.no_grad():
+                        us = graph_time_us(lambda: call(cfg), reps=3)
+                except Exception as e:  # noqa: BLE001 - reported, not fatal
+                    rows.append({"config": cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    continue
+                rows.append({"config": cfg or "autotuned", "us": round(us, 1), "tb_s": round(nbytes / us / 1e6, 2)})
+            results[f"sorted {name} {tokens} tokens"] = rows
+            ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+            print(f"sorted {name}, {tokens} tokens: autotuned {rows[0].get('us')} us; best:", flush=True)
+            for r in ok[:4]:
+                print("   ", r, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--parts", default="experts,dense,prompt,small",
-                    help="comma-separated: experts, dense, prompt, small")
+                    help="comma-separated: experts, dense, prompt, prompt_configs, small")
     args = ap.parse_args()
     parts_wanted = set(args.parts.split(","))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -162,6 +203,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     if "prompt" in parts_wanted:
         prompt_experts(results, randn, up, down)
+    if "prompt_configs" in parts_wanted:
+        prompt_configs(results, randn, up, down)
     if "small" in parts_wanted:
         small_kernels(results, randn)
     if args.out:

@@ -75,6 +75,7 @@ def bench_ours(config, args) -> dict:
     if args.profile:
         res["profile_decode_b1"] = profile_decode(model, config)
         res["profile_prefill_128"] = profile_prefill(model, config, 128)
+        res["profile_prefill_8x128"] = profile_prefill(model, config, 128, batch=8)
     if args.compile:
         variants("_compiled", lambda *shape: run(*shape, compile=True))
     ids = torch.randint(3, config.vocab_size, (1, 8192), generator=g).cuda()
@@ -124,14 +125,15 @@ def profile_decode(model, config) -> list[str]:
             sorted(events, key=lambda e: -e.device_time_total)[:25]]
 
 
-def profile_prefill(model, config, length: int) -> dict:
-    """Wall time against GPU time of one short prefill (is it launch- or sync-bound?), top CPU ops."""
+def profile_prefill(model, config, length: int, batch: int = 1) -> dict:
+    """Wall time against GPU time of one short prefill (is it launch- or sync-bound?), top CPU ops and
+    kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     from nemotron_core.generation import Decoder
 
-    dec = Decoder(model, 1, length + 8, cuda_graph=False)
-    ids = torch.randint(3, config.vocab_size, (1, length)).cuda()
+    dec = Decoder(model, batch, length + 8, cuda_graph=False)
+    ids = torch.randint(3, config.vocab_size, (batch, length)).cuda()
     for _ in range(2):
         dec.prefill(ids, torch.ones_like(ids))
     wall = timed(lambda: dec.prefill(ids, torch.ones_like(ids)), repeat=3)[0]
@@ -140,10 +142,12 @@ def profile_prefill(model, config, length: int) -> dict:
         torch.cuda.synchronize()
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events)
-    print(f"prefill {length}: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_us / 1e3:.1f} ms", flush=True)
+    print(f"prefill {batch} x {length}: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_us / 1e3:.1f} ms", flush=True)
     print(events.table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
     print(events.table(sort_by="cuda_time_total", row_limit=20), flush=True)
-    return {"wall_ms": wall * 1e3, "gpu_ms": gpu_us / 1e3}
+    kernels = [f"{e.key[:60]} calls={e.count} total_us={e.self_device_time_total:.0f}" for e in
+               sorted(events, key=lambda e: -e.self_device_time_total)[:20]]
+    return {"wall_ms": wall * 1e3, "gpu_ms": gpu_us / 1e3, "kernels": kernels}
 
 
 def bench_hf(config, args) -> dict:

@@ -93,7 +93,9 @@ def supported(x: torch.Tensor, idx: torch.Tensor, up: torch.Tensor, down: torch.
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
-             row_div: Optional[int], relu2: bool, tokens: int) -> torch.Tensor:
+             row_div: Optional[int], relu2: bool, tokens: int, config: Optional[dict] = None) -> torch.Tensor:
+    """One projection over the expert-sorted slots; ``config`` (``BLOCK_N``, ``BLOCK_K``, ``num_warps``,
+    optionally ``num_stages``) bypasses the autotuner (benchmarks/gpu_gemv_sweep.py)."""
     slots = order.numel()
     n, k = w.shape[1], w.shape[2]
     out = torch.empty(slots, n, dtype=x.dtype, device=x.device)
@@ -102,10 +104,12 @@ def _project(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, starts: torc
     # cover the usual few with one weight pass (16: tl.dot's minimum), more rows take larger tiles.
     mg = min(64, max(16, _next_pow2(-(-slots // w.shape[0]))))
     interp = interpreting()
-    extra = {}
-    if interp:
+    extra = dict(config or {})
+    if interp and not extra:
         bn, bk, warps = _CONFIGS[INTERPRETER_CONFIG]
         extra = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
+    if extra and not interp:
+        kernel = kernel.fn  # the plain kernel under the autotuner
     grid = lambda meta: (w.shape[0], cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     kernel[grid](x, w, order, starts, counts, out, n, k, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
                  ROW_DIV=row_div or 1, OWN_ROW=row_div is None, RELU2=relu2, MG=mg,
