@@ -17,6 +17,8 @@ import json
 
 import torch
 
+from gpu_gemv import graph_time_us
+
 
 def _kernels():
     import triton
@@ -88,19 +90,7 @@ def main() -> None:
             body()
             torch.cuda.current_stream().wait_stream(side)
 
-        fn()  # warm-up (autotune) outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(100):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        us = start.elapsed_time(end) * 1e3 / 100 / len(copies)
+        us = graph_time_us(fn, reps=20) / len(copies)
         results["rows"].append({"name": name, "us": round(us, 2)})
         print(f"{name:<40} {us:7.2f} us per iteration", flush=True)
 

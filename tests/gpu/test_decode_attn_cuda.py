@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .common import rel
+from .common import check_switch_keeps_decode_logits, rel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -121,39 +121,7 @@ def test_captured_graph_follows_pos_and_cache(b: int) -> None:
 def test_decoder_with_kernel_matches_sdpa_path(monkeypatch) -> None:
     """The tiny preset (head_dim 16) in fp32, decoded from a CUDA graph with and without the kernel:
     the logits of every step agree to fp32 rounding (both attention paths are exact fp32 there)."""
-    ops = _ops()
-    from nemotron_core.create import build_config, random_model
-    from nemotron_core.generation import Decoder
-
-    model = random_model(build_config("tiny"), torch.float32, seed=0, device="cuda").eval()
-    ids = torch.randint(3, 1000, (2, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
-    mask = torch.ones(2, 20, dtype=torch.long, device="cuda")
-    mask[1, :7] = 0
-
-    def run() -> list[torch.Tensor]:
-        dec = Decoder(model, batch_size=2, max_length=64, cuda_graph=True)
-        with torch.no_grad():
-            logits = [dec.prefill(ids[:, :20], mask)]
-            logits += [dec.step(ids[:, 20 + i]).clone() for i in range(20)]
-        assert dec.graph is not None
-        return logits
-
-    calls = []
-    real = ops.decode_attention
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "decode_attention", counted)
-    with_kernel = run()
-    assert calls, "the decode step did not take the kernel"
-    monkeypatch.setattr(ops, "ENABLED", False)
-    calls.clear()
-    without = run()
-    assert not calls
-    for i, (a, b) in enumerate(zip(with_kernel, without)):
-        assert rel(a, b) <= 1e-4, f"step {i}"
+    check_switch_keeps_decode_logits(monkeypatch, _ops(), "decode_attention", pad=7)
 
 
 def test_timing_report(capsys) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import rel
+from .common import check_switch_keeps_decode_logits, count_calls, rel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -89,40 +89,7 @@ def test_matches_the_kernels_it_replaces(bsz: int) -> None:
 def test_decoder_with_fused_step_matches(monkeypatch) -> None:
     """The tiny preset in fp32, decoded from a CUDA graph with and without the fused step: every step's
     logits agree to fp32 rounding."""
-    ops = _ops()
-    from nemotron_core.create import build_config, random_model
-    from nemotron_core.generation import Decoder
-
-    model = random_model(build_config("tiny"), torch.float32, seed=0, device="cuda").eval()
-    ids = torch.randint(3, 1000, (2, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
-    mask = torch.ones(2, 20, dtype=torch.long, device="cuda")
-    mask[1, :5] = 0
-
-    def run() -> list[torch.Tensor]:
-        dec = Decoder(model, batch_size=2, max_length=64, cuda_graph=True)
-        with torch.no_grad():
-            logits = [dec.prefill(ids[:, :20], mask)]
-            logits += [dec.step(ids[:, 20 + i]).clone() for i in range(20)]
-        assert dec.graph is not None
-        return logits
-
-    calls = []
-    real = ops.mamba_step
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "mamba_step", counted)
-    monkeypatch.setattr(ops, "ENABLED", True)  # (by default only without mamba-ssm)
-    fused = run()
-    assert calls, "the decode step did not take the fused kernel"
-    monkeypatch.setattr(ops, "ENABLED", False)
-    calls.clear()
-    separate = run()
-    assert not calls
-    for i, (a, b) in enumerate(zip(fused, separate)):
-        assert rel(a, b) <= 1e-4, f"step {i}"
+    check_switch_keeps_decode_logits(monkeypatch, _ops(), "mamba_step", pad=5)
 
 
 def test_default_takes_the_kernel_only_without_mamba_ssm(monkeypatch) -> None:
@@ -135,9 +102,7 @@ def test_default_takes_the_kernel_only_without_mamba_ssm(monkeypatch) -> None:
 
     model = random_model(build_config("tiny"), torch.bfloat16, seed=0, device="cuda").eval()
     ids = torch.randint(3, 1000, (1, 24), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    calls = []
-    real = ops.mamba_step
-    monkeypatch.setattr(ops, "mamba_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, ops, "mamba_step")
     monkeypatch.setattr(ops, "ENABLED", None)
 
     def decode() -> None:
@@ -157,8 +122,10 @@ def test_default_takes_the_kernel_only_without_mamba_ssm(monkeypatch) -> None:
 
 def test_timing_report(capsys) -> None:
     """Not an assertion: one Nano Mamba layer's decode step between the projections, the fused kernel
-    against the three it replaces, each as a CUDA graph of 20 layers' worth of calls (per call)."""
+    against the three it replaces (triton's do_bench_cudagraph: calls replayed from a CUDA graph)."""
     _ops()
+    from triton.testing import do_bench_cudagraph
+
     from nemotron_core.backend import mamba_triton_ops
 
     if mamba_triton_ops() is None:
@@ -169,19 +136,8 @@ def test_timing_report(capsys) -> None:
         for name, fn in (("fused", _fused), ("conv + state update + norm", _three_kernels)):
             cs, ss = t["conv_state"].clone(), t["ssm_state"].clone()
             fn(t, cs, ss)  # compile outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(20):
-                    fn(t, cs, ss)
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(50):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            rows.append(f"  B={bsz} {name:<28} {start.elapsed_time(end) * 1e3 / 50 / 20:6.2f} us")
+            us = do_bench_cudagraph(lambda fn=fn, cs=cs, ss=ss: fn(t, cs, ss), rep=50) * 1e3
+            rows.append(f"  B={bsz} {name:<28} {us:6.2f} us")
     with capsys.disabled():
         print(f"\nMamba decode step between the projections, H={H} G={G} P={P} N={N} (CUDA graph, per layer):")
         print("\n".join(rows))
