@@ -56,7 +56,25 @@ def _mamba_step_without_mamba_ssm(model, on: bool) -> None:
     _mamba_step(model, on)
 
 
-SWITCHES = {"mamba_step": _mamba_step, "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm,
+def _pdl_preload(model, on: bool) -> None:
+    """On (the default): at batch 1 the fused Mamba step and the attention combine let the next kernel
+    start early, and the output projections' GEMV loads its weights into registers meanwhile (PDL).
+    Off: the default before (mamba-ssm's step kernels where installed, the split-K GEMV, no PDL)."""
+    from nemotron_core.ops import triton_gemv, triton_mamba_step, triton_moe
+
+    triton_gemv.PRELOAD = triton_moe.PDL = on
+    triton_mamba_step.ENABLED = None  # (its default follows PDL)
+
+
+def _pdl(model, on: bool) -> None:
+    """Programmatic dependent launch alone, with the fused Mamba step and the preload GEMV in both
+    settings (the same kernels and numbers: only when they may start differs)."""
+    from nemotron_core.ops import triton_gemv, triton_mamba_step, triton_moe
+
+    triton_gemv.PRELOAD, triton_mamba_step.ENABLED, triton_moe.PDL = True, True, on
+
+
+SWITCHES = {"pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step, "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm,
             "sorted_experts": _sorted_experts, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 

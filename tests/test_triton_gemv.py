@@ -60,3 +60,22 @@ def test_linear_policy_sends_only_what_measured_faster() -> None:
         assert not takes_gemv(BackendConfig(linear="triton"), torch.randn(2, 64).to(DEVICE), w)
         assert takes_gemv(BackendConfig(), x, w) == (x.is_cuda and gemv_pays(48, 64))  # False: small, or CPU
     assert not takes_gemv(BackendConfig(linear="triton"), x, w)  # autograd on
+
+
+@pytest.mark.parametrize("epilogue", ["none", "residual", "relu2"])
+def test_register_preload_kernel(epilogue: str) -> None:
+    """Shapes whose weight slice fits a program's registers take ``gemv_preload`` (split 4 here: K = 4096 in
+    fp32, 16 rows of 1024 a program): same results as the reference, counters reset; other shapes keep
+    the split-K kernel (``preload_split`` 0)."""
+    assert triton_gemv.preload_split(40, 4096, 4) == 4
+    assert triton_gemv.preload_split(2688, 4096, 2) == 2  # the Nano out_proj and o_proj in bf16
+    assert triton_gemv.preload_split(10304, 2688, 2) == 0  # K = 2688 has no power-of-two slice
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(40, 4096, generator=g).to(DEVICE)
+    x = torch.randn(1, 1, 4096, generator=g).to(DEVICE)
+    res = torch.randn(1, 1, 40, generator=g).to(DEVICE) if epilogue == "residual" else None
+    want = triton_gemv.gemv_reference(x, w, res, relu2=epilogue == "relu2")
+    for _ in range(2):
+        got = triton_gemv.gemv(x, w, res, relu2=epilogue == "relu2")
+        assert tiny.rel_err(want, got) <= 1e-6
+    assert int(triton_gemv._counters(torch.device(DEVICE))[:3].abs().sum()) == 0

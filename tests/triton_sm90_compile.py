@@ -148,6 +148,15 @@ def main() -> int:
                                        {"K": 4096, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "RELU2": relu2,
                                         "HAS_RES": res, "IEEE": False}, warps,
                                        aligned="x_ptr w_ptr res_ptr out_ptr part_ptr stride_wn", stages=stages))
+    preload = triton_gemv._preload[0]
+    for dt, split, relu2, res, pdl in (("bf16", 2, False, True, True), ("bf16", 2, True, False, False),
+                                       ("fp32", 4, False, True, True), ("bf16", 1, False, False, True)):
+        sig = {**ptrs("x_ptr w_ptr res_ptr out_ptr", dt), "part_ptr": "*fp32", "count_ptr": "*i32",
+               **ints("N stride_wn")}
+        results.append(compile_one(f"gemv_preload {dt} split={split} relu2={relu2} res={res} pdl={pdl}", preload, sig,
+                                   {"K": 4096 if split > 1 else 1024, "BLOCK_N": triton_gemv._PRELOAD_BLOCK_N,
+                                    "SPLIT": split, "RELU2": relu2, "HAS_RES": res, "PDL": pdl}, 8,
+                                   aligned="x_ptr w_ptr res_ptr out_ptr part_ptr stride_wn"))
 
     fwd, bwd, _ = triton_act._kernels()
     for dt in ("bf16", "fp16", "fp32"):
@@ -188,7 +197,8 @@ def main() -> int:
     for dt, splits in (("bf16", 64), ("bf16", 128), ("fp32", 3)):
         sig = {**ptrs("m_ptr l_ptr o_ptr", "fp32"), "out_ptr": f"*{dt}"}
         results.append(compile_one(f"decode_attn_combine {dt} splits={splits}", combine, sig,
-                                   {"SPLITS": splits, "D": 128, "BLOCK_S": min(16, triton_moe._next_pow2(splits))}, 2))
+                                   {"SPLITS": splits, "D": 128, "BLOCK_S": min(16, triton_moe._next_pow2(splits)),
+                                    "TRIGGER": dt == "bf16"}, 2))
     step = triton_mamba_step._kernel()
     for dt, block_p in (("bf16", 32), ("bf16", 64), ("fp32", 64)):
         sig = {**ptrs("zx_ptr cst_ptr cw_ptr cb_ptr", dt), **ptrs("sst_ptr A_ptr D_ptr dtb_ptr", "fp32"),
@@ -196,7 +206,8 @@ def main() -> int:
                **{n: "fp32" for n in ("dt_min", "dt_max", "eps")},
                **ints("stride_zb stride_cb stride_cc stride_ck stride_wc stride_wk stride_sb stride_sh stride_sp "
                       "stride_sn stride_ob")}
-        consts = {"H": 64, "G": 8, "P": 64, "N": 128, "K": 4, "KP": 4, "BLOCK_P": block_p, "HAS_BIAS": True}
+        consts = {"H": 64, "G": 8, "P": 64, "N": 128, "K": 4, "KP": 4, "BLOCK_P": block_p, "HAS_BIAS": True,
+                  "TRIGGER": dt == "bf16"}
         results.append(compile_one(f"mamba_step {dt} block_p={block_p}", step, sig, consts, 4))
     print(f"{sum(results)} of {len(results)} kernel variants compiled for sm_90")
     return 0 if all(results) else 1

@@ -136,11 +136,12 @@ class Mamba2(nn.Module):
 
     def _fused_step(self, zxbcdt: torch.Tensor, state, conv_w: torch.Tensor) -> bool:
         # Inference on CUDA with our kernels (backend mamba="torch" keeps the reference ops), where
-        # the output dtype is out_proj's (no autocast) and the shapes fit the kernel; by default only
-        # without mamba-ssm (see triton_mamba_step.ENABLED).
+        # the output dtype is out_proj's (no autocast) and the shapes fit the kernel; by default
+        # where it pays (see triton_mamba_step.ENABLED).
         enabled = triton_mamba_step.ENABLED
         if enabled is None:
-            enabled = zxbcdt.is_cuda and resolve_mamba(self.backend, "cuda") == "torch"
+            enabled = zxbcdt.is_cuda and triton_mamba_step.default_on(
+                zxbcdt.view(zxbcdt.shape[0], -1), resolve_mamba(self.backend, "cuda") == "triton")
         return (enabled and zxbcdt.is_cuda and self.backend.mamba != "torch"
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and not torch.is_autocast_enabled("cuda") and zxbcdt.dtype == self.out_proj.weight.dtype

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .triton_moe import _next_pow2, interpreting, usable
+from .triton_moe import _next_pow2, interpreting, pdl_launch, usable
 
 # Whether the model's decode step uses these kernels (on CUDA, see modeling/attention.py): a global
 # switch, so a benchmark can measure with and without.
@@ -53,6 +53,7 @@ _LOG2E = 1.0 / math.log(2.0)
 def _kernels():
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents
 
     @triton.jit
     def decode_attn_partial(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, valid_ptr, m_ptr, l_ptr, o_ptr,
@@ -141,7 +142,9 @@ def _kernels():
 
     @triton.jit
     def decode_attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, SPLITS: tl.constexpr, D: tl.constexpr,
-                            BLOCK_S: tl.constexpr):
+                            BLOCK_S: tl.constexpr, TRIGGER: tl.constexpr):
+        if TRIGGER:  # let the next kernel (o_proj's GEMV) start loading its weights now
+            gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)  # b * HQ + query head
         offs_d = tl.arange(0, D)
         m_run = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
@@ -172,6 +175,7 @@ def _kernels():
         out = tl.where(l_run > 0.0, acc / tl.maximum(l_run, 1e-30), 0.0)
         tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
+    globals().update(gdc_launch_dependents=gdc_launch_dependents)  # (the interpreter's names)
     return decode_attn_partial, decode_attn_combine
 
 
@@ -279,7 +283,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         INTERPRET=interpreting(),
         num_warps=4 if g_pad * d <= 4096 else 8, num_stages=2)
     combine[(b * hq,)](m, l_sum, o, out, SPLITS=splits, D=d, BLOCK_S=min(16, _next_pow2(splits)),
-                       num_warps=1 if d <= 64 else 2)
+                       TRIGGER=pdl_launch(q), num_warps=1 if d <= 64 else 2)
     return out
 
 

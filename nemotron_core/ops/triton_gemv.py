@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from .triton_moe import interpreting, usable
+from .triton_moe import interpreting, pdl_launch, usable
 
 # Launch configs (BLOCK_N, BLOCK_K, SPLIT, warps, stages) the autotuner picks from per (N, K).
 # SPLIT 1 serves wide projections (the Mamba in_proj, 10304 rows, and the LM head); the others
@@ -30,6 +30,26 @@ _CONFIGS = ((32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (32, 256, 1, 4, 3),
             (32, 128, 2, 4, 4), (32, 128, 4, 4, 4), (16, 128, 4, 4, 4), (32, 256, 2, 4, 4), (16, 256, 2, 4, 4))
 INTERPRETER_CONFIG = 4
 _MAX_BLOCKS = 1 << 16  # row blocks the counter buffer covers (N up to 1M rows at 16 per block)
+
+
+# The register-preload kernel (``gemv_preload``), for shapes where a program's whole weight slice fits
+# in registers: a global switch, so a benchmark can measure with and without.
+PRELOAD = True
+_PRELOAD_BYTES = 64 * 1024  # weight bytes per program (8 warps: 64 registers a thread)
+_PRELOAD_BLOCK_N = 16
+_preload: list = []  # the kernel, once built
+
+
+def preload_split(n: int, k: int, elem: int) -> int:
+    """The split of K for ``gemv_preload`` (0 where it does not take the shape): the fewest splits whose
+    slice is a power of two of at most ``_PRELOAD_BYTES`` a program."""
+    split = 1
+    while split <= 16:
+        ks = k // split
+        if k % split == 0 and ks & (ks - 1) == 0 and _PRELOAD_BLOCK_N * ks * elem <= _PRELOAD_BYTES:
+            return split
+        split *= 2
+    return 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,6 +91,13 @@ def _kernel():
             else:
                 acc = tl.dot(xs, tl.trans(w), acc)
         y = tl.sum(acc, axis=0)  # row 0 (the others are 0)
+        _finish(y, res_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_k, offs_n, mask_n, N, SPLIT, RELU2, HAS_RES)
+
+    @triton.jit
+    def _finish(y, res_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_k, offs_n, mask_n, N, SPLIT: tl.constexpr,
+                RELU2: tl.constexpr, HAS_RES: tl.constexpr):
+        """This split's partial ``y``: with one split, the result; else stored, and the last split of the
+        row block to finish adds them all up (fixed order) and writes the result."""
         if SPLIT > 1:
             tl.store(part_ptr + pid_k * N + offs_n, y, mask=mask_n)
             # Every thread's partial stored before the counter moves (the atomic releases them at
@@ -78,7 +105,7 @@ def _kernel():
             tl.debug_barrier()
             done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
             if done == SPLIT - 1:
-                y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                y = tl.zeros(offs_n.shape, dtype=tl.float32)
                 for s in tl.static_range(SPLIT):  # a fixed order: the same bits every time
                     y += tl.load(part_ptr + s * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next call
@@ -86,7 +113,32 @@ def _kernel():
         else:
             _epilogue(y, res_ptr, out_ptr, offs_n, mask_n, RELU2, HAS_RES)
 
-    globals().update(tl=tl, _epilogue=_epilogue)  # the interpreter resolves names here
+    @triton.jit
+    def gemv_preload(x_ptr, w_ptr, res_ptr, out_ptr, part_ptr, count_ptr, N, K: tl.constexpr, stride_wn,
+                     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, RELU2: tl.constexpr, HAS_RES: tl.constexpr,
+                     PDL: tl.constexpr):
+        # The program's whole weight slice (BLOCK_N x K/SPLIT) goes into registers before anything
+        # else: launched with PDL it runs while the previous kernel still does (nothing in the
+        # stream writes weights), and gdc_wait then makes that kernel's writes (x, the residual,
+        # the counters' resets) visible.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        KS: tl.constexpr = K // SPLIT
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = pid_k * KS + tl.arange(0, KS)
+        mask_n = offs_n < N
+        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], mask=mask_n[:, None],
+                    other=0.0)
+        if PDL:
+            gdc_wait()
+        x = tl.load(x_ptr + offs_k).to(tl.float32)
+        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        _finish(y, res_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_k, offs_n, mask_n, N, SPLIT, RELU2, HAS_RES)
+
+    from triton.language.extra.cuda import gdc_wait
+
+    globals().update(tl=tl, _epilogue=_epilogue, _finish=_finish, gdc_wait=gdc_wait)  # the interpreter resolves names here
+    _preload.append(gemv_preload)
     if interpreting():
         return gemv_split_k, gemv_split_k, triton.cdiv  # configs are chosen by the caller (no timing here)
     tuned = triton.autotune(
@@ -127,6 +179,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     res = residual.reshape(n).contiguous() if residual is not None else out
     tuned, plain, cdiv = _kernel()
+    split = preload_split(n, k, x.element_size()) if PRELOAD and config is None else 0
+    if split:
+        part = torch.empty(split, n, dtype=torch.float32, device=x.device)
+        pdl = pdl_launch(x)
+        _preload[0][(cdiv(n, _PRELOAD_BLOCK_N), split)](
+            x, weight, res, out, part, _counters(x.device), n, k, weight.stride(0), BLOCK_N=_PRELOAD_BLOCK_N,
+            SPLIT=split, RELU2=relu2, HAS_RES=residual is not None, PDL=pdl, num_warps=8, launch_pdl=pdl)
+        return out.view(*lead, n)
     if config is None and interpreting():
         bn, bk, sp, w, st = _CONFIGS[INTERPRETER_CONFIG]
         config = {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp, "num_warps": w, "num_stages": st}

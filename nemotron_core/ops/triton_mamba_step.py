@@ -28,13 +28,14 @@ import torch
 from .conv import causal_conv1d_step
 from .norms import gated_rms_norm
 from .ssd import ssd_step
-from .triton_moe import _next_pow2, interpreting, usable
+from .triton_moe import _next_pow2, pdl_launch, usable
 
-# When the model's decode step takes this kernel (modeling/mamba2.py): None (the default) where
-# mamba-ssm's kernels are absent, so that the step would otherwise run the reference ops (a dozen
-# launches); True always; False never. With mamba-ssm installed its two kernels plus our conv took
-# as long on the H200 (5.86 against 5.71 us a layer at batch 1, 14.06 against 14.44 at batch 8), so
-# that measured path stays the default there.
+# When the model's decode step takes this kernel (modeling/mamba2.py; ``default_on``): None (the
+# default) where mamba-ssm's kernels are absent, so that the step would otherwise run the reference
+# ops (a dozen launches), and at batch 1 where programmatic dependent launch is available, because
+# then this kernel lets out_proj's GEMV load its weights while it runs (mamba-ssm's kernels do not);
+# True always; False never. Alone, mamba-ssm's two kernels plus our conv took as long on the H200
+# (5.98 against 5.76 us a layer at batch 1, 14.00 against 14.44 at batch 8).
 ENABLED: bool | None = None
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_GROUPS = 1 << 16  # (row, norm group) counters per device
@@ -72,7 +73,9 @@ def _kernel():
                    stride_zb, stride_cb, stride_cc, stride_ck, stride_wc, stride_wk,
                    stride_sb, stride_sh, stride_sp, stride_sn, stride_ob,
                    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
-                   KP: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr):
+                   KP: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr, TRIGGER: tl.constexpr):
+        if TRIGGER:  # let the next kernel (out_proj's GEMV) start loading its weights now
+            gdc_launch_dependents()
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) // (P // BLOCK_P)
         pb = tl.program_id(1) % (P // BLOCK_P)
@@ -126,7 +129,9 @@ def _kernel():
                      mask=k[None, :] < K - 1)
             tl.atomic_xchg(count_ptr + b * G + g, 0)  # ready for the next call
 
-    globals().update(tl=tl, _conv=_conv)  # the interpreter resolves names here
+    from triton.language.extra.cuda import gdc_launch_dependents
+
+    globals().update(tl=tl, _conv=_conv, gdc_launch_dependents=gdc_launch_dependents)  # (the interpreter's names)
     return mamba_step
 
 
@@ -134,6 +139,11 @@ def _kernel():
 def _counters(device: torch.device) -> torch.Tensor:
     # Zeroed once; each call's last program per (row, group) puts its counter back to 0.
     return torch.zeros(_MAX_GROUPS, dtype=torch.int32, device=device)
+
+
+def default_on(zxbcdt: torch.Tensor, have_mamba_ssm: bool) -> bool:
+    """Whether the decode step takes this kernel when ``ENABLED`` is None (see there)."""
+    return not have_mamba_ssm or (zxbcdt.shape[0] == 1 and pdl_launch(zxbcdt))
 
 
 def _pow2(n: int) -> bool:
@@ -180,7 +190,7 @@ def mamba_step(zxbcdt: torch.Tensor, conv_state: torch.Tensor, conv_weight: torc
         conv_weight.stride(0), conv_weight.stride(1), ssm_state.stride(0), ssm_state.stride(1),
         ssm_state.stride(2), ssm_state.stride(3), out.stride(0),
         H=heads, G=n_groups, P=p, N=n, K=k, KP=_next_pow2(k), BLOCK_P=block_p, HAS_BIAS=conv_bias is not None,
-        num_warps=4)
+        TRIGGER=pdl_launch(zxbcdt), num_warps=4)
     return out
 
 

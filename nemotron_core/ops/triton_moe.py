@@ -37,6 +37,24 @@ def have_triton() -> bool:
     return True
 
 
+# Programmatic dependent launch (sm_90+): a kernel launched with it may start while the one before it
+# still runs, once that one's programs have all called gdc_launch_dependents; it reads that kernel's
+# results only after gdc_wait. A global switch, so a benchmark can measure with and without.
+PDL = True
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> int:
+    major, _ = torch.cuda.get_device_capability(device)
+    return major
+
+
+def pdl_launch(x: torch.Tensor) -> bool:
+    """Whether kernels on ``x``'s device may use programmatic dependent launch (compiled Triton on an
+    sm_90 or newer GPU, ``PDL`` on); also whether kernels should signal their dependents early."""
+    return PDL and x.is_cuda and not interpreting() and _capability(x.device) >= 9
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its (CPU, numpy) interpreter rather than compiling them."""
     if not have_triton():

@@ -92,32 +92,38 @@ def test_decoder_with_fused_step_matches(monkeypatch) -> None:
     check_switch_keeps_decode_logits(monkeypatch, _ops(), "mamba_step", pad=5)
 
 
-def test_default_takes_the_kernel_only_without_mamba_ssm(monkeypatch) -> None:
-    """ENABLED None (the default): a bf16 tiny model's decode step takes the fused kernel when mamba-ssm's
-    kernels are absent (hidden here), and not when they are there."""
+def test_default_policy(monkeypatch) -> None:
+    """ENABLED None (the default): a bf16 tiny model's decode step takes the fused kernel without mamba-ssm
+    (hidden here) at any batch; with mamba-ssm only at batch 1 with programmatic dependent launch."""
     ops = _ops()
     from nemotron_core import backend
     from nemotron_core.create import build_config, random_model
     from nemotron_core.generation import Decoder
+    from nemotron_core.ops import triton_moe
 
     model = random_model(build_config("tiny"), torch.bfloat16, seed=0, device="cuda").eval()
-    ids = torch.randint(3, 1000, (1, 24), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    layers = build_config("tiny").hybrid_override_pattern.count("M")
+    ids = torch.randint(3, 1000, (2, 24), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     calls = count_calls(monkeypatch, ops, "mamba_step")
     monkeypatch.setattr(ops, "ENABLED", None)
 
-    def decode() -> None:
-        dec = Decoder(model, batch_size=1, max_length=32, cuda_graph=False)
+    def fused_steps(batch: int) -> int:
+        calls.clear()
+        dec = Decoder(model, batch_size=batch, max_length=32, cuda_graph=False)
         with torch.no_grad():
-            dec.prefill(ids[:, :16], torch.ones_like(ids[:, :16]))
+            dec.prefill(ids[:batch, :16], torch.ones_like(ids[:batch, :16]))
             for i in range(4):
-                dec.step(ids[:, 16 + i])
+                dec.step(ids[:batch, 16 + i])
+        return len(calls)
 
     if backend.mamba_triton_ops() is not None:
-        decode()
-        assert not calls, "took the fused kernel although mamba-ssm is installed"
+        pdl = torch.cuda.get_device_capability()[0] >= 9
+        assert fused_steps(1) == (4 * layers if pdl else 0)
+        assert fused_steps(2) == 0
+        monkeypatch.setattr(triton_moe, "PDL", False)
+        assert fused_steps(1) == 0
     monkeypatch.setattr(backend, "mamba_triton_ops", lambda: None)
-    decode()
-    assert len(calls) == 4 * build_config("tiny").hybrid_override_pattern.count("M")
+    assert fused_steps(1) == fused_steps(2) == 4 * layers
 
 
 def test_timing_report(capsys) -> None:
