@@ -100,7 +100,8 @@ def _kernel():
         dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
         dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
         dA = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
-        st = sst_ptr + b * stride_sb + h * stride_sh + (offs_p - h * P)[:, None] * stride_sp + offs_n[None, :] * stride_sn
+        st = (sst_ptr + b * stride_sb + h * stride_sh + (offs_p - h * P)[:, None] * stride_sp
+              + offs_n[None, :] * stride_sn)
         state = tl.load(st).to(tl.float32) * dA + (dt * x)[:, None] * B[None, :]
         tl.store(st, state.to(sst_ptr.dtype.element_ty))
         y = tl.sum(state * C[None, :], axis=1) + tl.load(D_ptr + h).to(tl.float32) * x
@@ -152,8 +153,9 @@ def _pow2(n: int) -> bool:
 
 def supported(zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, conv_weight: torch.Tensor,
               n_groups: int) -> bool:
-    """Whether ``mamba_step`` takes these: ``zxbcdt [B, 4 * ...]`` rows with unit stride, power-of-two
-    head dim, state size and group size, a conv of at most 4 taps, and few enough (row, group) pairs."""
+    """Whether ``mamba_step`` takes these: ``zxbcdt [B, 2 * d_inner + 2 * groups * state + heads]`` rows
+    with unit stride, power-of-two head dim (at least 16), state size, heads per group and group size,
+    a conv of 2 to 4 taps, and few enough (row, group) pairs."""
     bsz, heads, p, n = ssm_state.shape
     k = conv_weight.shape[-1]
     d_inner = heads * p
