@@ -82,9 +82,9 @@ class Mamba2(nn.Module):
         conv_w = self.conv1d.weight.squeeze(1)
         state = cache.mamba_state(self.layer_idx) if cache is not None else None
         continuing = state is not None and meta.past_len > 0
-        if continuing and s == 1 and self._fused_step(zxbcdt, state, conv_w):
+        if continuing and s == 1 and self._fused_step(rows := zxbcdt.view(b, -1), state, conv_w):
             # decode: conv, state update and gated norm as one kernel
-            y = triton_mamba_step.mamba_step(zxbcdt.view(b, -1), state.conv, conv_w, self.conv1d.bias, state.ssm, A,
+            y = triton_mamba_step.mamba_step(rows, state.conv, conv_w, self.conv1d.bias, state.ssm, A,
                                              self.D, self.dt_bias, self.dt_limit, self.norm.weight, self.norm.eps,
                                              self.n_groups)
             return add_linear(residual, self.out_proj, y.view(b, 1, self.d_inner), meta)
@@ -136,17 +136,16 @@ class Mamba2(nn.Module):
 
     def _fused_step(self, zxbcdt: torch.Tensor, state, conv_w: torch.Tensor) -> bool:
         # Inference on CUDA with our kernels (backend mamba="torch" keeps the reference ops), where
-        # the output dtype is out_proj's (no autocast) and the shapes fit the kernel; by default
-        # where it pays (see triton_mamba_step.ENABLED).
-        enabled = triton_mamba_step.ENABLED
-        if enabled is None:
-            enabled = zxbcdt.is_cuda and triton_mamba_step.default_on(
-                zxbcdt.view(zxbcdt.shape[0], -1), resolve_mamba(self.backend, "cuda") == "triton")
-        return (enabled and zxbcdt.is_cuda and self.backend.mamba != "torch"
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled("cuda") and zxbcdt.dtype == self.out_proj.weight.dtype
-                and triton_mamba_step.supported(zxbcdt.view(zxbcdt.shape[0], -1), state.conv, state.ssm, conv_w,
-                                                self.n_groups))
+        # the output dtype is out_proj's (no autocast) and the shapes (``zxbcdt [B, d_in_proj]``) fit
+        # the kernel; by default where it pays (see triton_mamba_step.ENABLED).
+        if not (zxbcdt.is_cuda and self.backend.mamba != "torch" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cuda")
+                and zxbcdt.dtype == self.out_proj.weight.dtype
+                and triton_mamba_step.supported(zxbcdt, state.conv, state.ssm, conv_w, self.n_groups)):
+            return False
+        if triton_mamba_step.ENABLED is None:
+            return triton_mamba_step.default_on(zxbcdt, resolve_mamba(self.backend, "cuda") == "triton")
+        return triton_mamba_step.ENABLED
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if resolve_mamba(self.backend, y.device.type) == "triton":
