@@ -41,6 +41,14 @@ def _sorted_experts(model, on: bool) -> None:
     triton_sorted_experts.ENABLED = on
 
 
+def _sorted_flat(model, on: bool) -> None:
+    """The prompt's expert-sorted kernel as a flat list of (expert, chunk) tiles, against one program
+    per expert walking its chunks."""
+    from nemotron_core.ops import triton_sorted_experts
+
+    triton_sorted_experts.FLAT = on
+
+
 def _mamba_step(model, on: bool) -> None:
     from nemotron_core.ops import triton_mamba_step
 
@@ -75,7 +83,7 @@ def _pdl(model, on: bool) -> None:
 
 
 SWITCHES = {"pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step, "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm,
-            "sorted_experts": _sorted_experts, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
+            "sorted_experts": _sorted_experts, "sorted_flat": _sorted_flat, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 
 def main() -> None:

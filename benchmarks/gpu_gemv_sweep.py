@@ -39,25 +39,41 @@ def _time(call, configs) -> list[dict]:
     return rows
 
 
+def _prompt_routing(tokens: int, skew: float, g: torch.Generator) -> torch.Tensor:
+    """Top-``TOPK`` expert ids per token, drawn (Gumbel top-k) from per-expert popularities
+    ``exp(N(0, skew))``: 0 is uniform routing; 0.75 is as uneven as the second MoE layer of a random
+    Nano model on a 1,024-token prompt (busiest expert about 200 slots against 48 on average)."""
+    pop = torch.randn(E, device="cuda", generator=g) * skew
+    gumbel = -torch.log(-torch.log(torch.rand(tokens, E, device="cuda", generator=g)))
+    return (pop + gumbel).topk(TOPK, dim=-1).indices
+
+
 def prompt_experts(results: dict, randn, up, down) -> None:
-    """A prompt's routed experts (128 and 1024 tokens, random routing over all 128 experts): torch's
-    grouped GEMM path against the expert-sorted Triton kernels, whole ``*_experts`` calls."""
+    """A prompt's routed experts (128 and 1024 tokens over all 128 experts, uniform and skewed routing):
+    torch's grouped GEMM path against the expert-sorted Triton kernels in both layouts (a flat list of
+    (expert, chunk) tiles, and one program per expert), whole ``*_experts`` calls."""
     from nemotron_core.ops import triton_sorted_experts
     from nemotron_core.ops.experts import grouped_experts
 
     g = torch.Generator(device="cuda").manual_seed(2)
     nbytes = 2 * E * INTER * HIDDEN * 2  # every expert's two matrices, once
-    for tokens in (128, 1024):
+    for tokens, skew in itertools.product((128, 1024), (0.0, 0.75)):
         x = randn(tokens, HIDDEN)
-        idx = torch.rand(tokens, E, device="cuda", generator=g).argsort(-1)[:, :TOPK]
+        idx = _prompt_routing(tokens, skew, g)
         w = torch.rand(tokens, TOPK, device="cuda", generator=g)
+
+        def sorted_call(flat: bool):
+            triton_sorted_experts.FLAT = flat
+            return graph_time_us(lambda: triton_sorted_experts.sorted_experts(x, idx, w, up, down), reps=3)
+
         with torch.no_grad():
             row = {"grouped_mm_us": graph_time_us(lambda: grouped_experts(x, idx, w, up, down), reps=3),
-                   "sorted_triton_us": graph_time_us(lambda: triton_sorted_experts.sorted_experts(x, idx, w, up, down),
-                                                     reps=3)}
+                   "sorted_triton_us": sorted_call(True), "sorted_per_expert_us": sorted_call(False)}
+        triton_sorted_experts.FLAT = True
         row.update({key.replace("_us", "_TBs"): round(nbytes / v / 1e6, 2) for key, v in list(row.items())})
-        results[f"prompt experts {tokens} tokens"] = row
-        print(f"prompt experts, {tokens} tokens:", row, flush=True)
+        row["busiest_expert_slots"] = int(torch.bincount(idx.reshape(-1), minlength=E).max())
+        results[f"prompt experts {tokens} tokens skew {skew}"] = row
+        print(f"prompt experts, {tokens} tokens, skew {skew}:", row, flush=True)
 
 
 def small_kernels(results: dict, randn) -> None:
@@ -112,11 +128,10 @@ def prompt_configs(results: dict, randn, up, down) -> None:
         x = randn(tokens, HIDDEN)
         idx = torch.rand(tokens, E, device="cuda", generator=g).argsort(-1)[:, :TOPK]
         order, counts = sort_by_expert(idx, E)
-        starts = counts.cumsum(0) - counts
         h = randn(tokens * TOPK, INTER)
-        calls = {"up": lambda cfg: triton_sorted_experts._project(x, up, order, starts, counts, TOPK, True, tokens,
+        calls = {"up": lambda cfg: triton_sorted_experts._project(x, up, order, counts, TOPK, True, tokens,
                                                                   config=cfg),
-                 "down": lambda cfg: triton_sorted_experts._project(h, down, order, starts, counts, None, False,
+                 "down": lambda cfg: triton_sorted_experts._project(h, down, order, counts, None, False,
                                                                     tokens, config=cfg)}
         for name, call in calls.items():
             rows = []

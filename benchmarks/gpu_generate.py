@@ -74,6 +74,8 @@ def bench_ours(config, args) -> dict:
     model.model.backend.linear = "auto"
     if args.profile:
         res["profile_decode_b1"] = profile_decode(model, config)
+        res["profile_decode_b8"] = profile_decode(model, config, batch=8)
+        res["routing_decode_b8"] = routing_stats(model, config, batch=8)
         res["profile_prefill_128"] = profile_prefill(model, config, 128)
         res["profile_prefill_8x128"] = profile_prefill(model, config, 128, batch=8)
     if args.compile:
@@ -101,16 +103,16 @@ def bench_ours(config, args) -> dict:
     return res
 
 
-def profile_decode(model, config) -> list[str]:
-    """Top CUDA kernels of 10 eager decode steps at batch 1 (where the step time goes)."""
+def profile_decode(model, config, batch: int = 1) -> list[str]:
+    """Top CUDA kernels of 10 eager decode steps (where the step time goes)."""
     from torch.profiler import ProfilerActivity, profile
 
     from nemotron_core.generation import Decoder
 
-    dec = Decoder(model, 1, 256, cuda_graph=False)
-    ids = torch.randint(3, config.vocab_size, (1, 128)).cuda()
+    dec = Decoder(model, batch, 256, cuda_graph=False)
+    ids = torch.randint(3, config.vocab_size, (batch, 128)).cuda()
     dec.prefill(ids, torch.ones_like(ids))
-    tok = torch.tensor([5], device="cuda")
+    tok = torch.arange(5, 5 + batch, device="cuda")
     for _ in range(3):
         dec.step(tok)
     torch.cuda.synchronize()
@@ -123,6 +125,39 @@ def profile_decode(model, config) -> list[str]:
     events = prof.key_averages()
     return [f"{e.key[:60]} calls={e.count} total_us={e.device_time_total:.0f}" for e in
             sorted(events, key=lambda e: -e.device_time_total)[:25]]
+
+
+def routing_stats(model, config, batch: int, steps: int = 10) -> dict:
+    """How many distinct routed experts a decode step reads per MoE layer (the ids of every route
+    call over ``steps`` eager steps after a 128-token prompt), and the expert bytes that makes per
+    step: what bounds a step at this batch."""
+    from nemotron_core.generation import Decoder
+    from nemotron_core.ops import triton_moe
+
+    seen: list[int] = []
+    route = triton_moe.route_triton
+
+    def counting(*args, **kwargs):
+        idx, weights = route(*args, **kwargs)
+        seen.append(int(idx.unique().numel()))
+        return idx, weights
+
+    dec = Decoder(model, batch, 256, cuda_graph=False)
+    ids = torch.randint(3, config.vocab_size, (batch, 128)).cuda()
+    dec.prefill(ids, torch.ones_like(ids))
+    tok = torch.arange(5, 5 + batch, device="cuda")
+    triton_moe.route_triton = counting
+    try:
+        for _ in range(steps):
+            tok = dec.step(tok).argmax(-1)
+    finally:
+        triton_moe.route_triton = route
+    per_expert = 2 * config.moe_intermediate_size * config.hidden_size * 2  # up + down, bf16
+    distinct = statistics.mean(seen) if seen else float("nan")
+    out = {"route_calls": len(seen), "distinct_experts_mean": distinct, "distinct_experts_max": max(seen, default=0),
+           "routed_expert_gb_per_step": distinct * per_expert * len(seen) / steps / 1e9}
+    print(f"routing at batch {batch}:", out, flush=True)
+    return out
 
 
 def profile_prefill(model, config, length: int, batch: int = 1) -> dict:

@@ -229,16 +229,23 @@ def test_decode_step_captures_in_a_cuda_graph(experts) -> None:
     assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("skewed", [False, True])
 @pytest.mark.parametrize("n", [128, 1024])
-def test_sorted_experts_match_loop_at_prompt_sizes(experts, n: int) -> None:
+def test_sorted_experts_match_loop_at_prompt_sizes(experts, n: int, skewed: bool) -> None:
     """A prompt's experts (128 tokens: ~6 a expert, one 16-row tile; 1024: ~48, 64-row tiles) through
-    the expert-sorted kernel, against the loop reference and as close as torch's grouped GEMM."""
+    the expert-sorted kernel, against the loop reference and as close as torch's grouped GEMM; also
+    with uneven routing (a third of the slots on four experts: many tiles for those, none for some)."""
     _need_triton()
     from nemotron_core.ops import triton_sorted_experts
     from nemotron_core.ops.experts import grouped_experts, loop_experts
 
     up, down = experts
     x, idx, w, shared = _tokens(n, seed=90 + n)
+    if skewed:  # each token's first two experts from 0-3 (n / 2 slots each), the rest from 4-127
+        g = torch.Generator(device="cuda").manual_seed(7)
+        first = torch.arange(n, device="cuda") % 4
+        rest = 4 + torch.rand(n, N_EXP - 4, device="cuda", generator=g).argsort(-1)[:, :TOP_K - 2]
+        idx = torch.cat([first[:, None], ((first + 1) % 4)[:, None], rest], dim=1)
     with torch.no_grad():
         assert triton_sorted_experts.supported(x, idx, up, down)
         got = triton_sorted_experts.sorted_experts(x, idx, w, up, down, shared)
