@@ -49,6 +49,21 @@ def _sorted_flat(model, on: bool) -> None:
     triton_sorted_experts.FLAT = on
 
 
+def _shared_ahead(model, on: bool) -> None:
+    """The expert up-projection launched with PDL behind the route kernel (its shared-expert programs
+    start during the routing), against an ordinary launch."""
+    from nemotron_core.ops import triton_experts
+
+    triton_experts.SHARED_AHEAD = on
+
+
+def _route_pdl(model, on: bool) -> None:
+    """The route kernel launched with PDL behind the router's partial logits, against an ordinary launch."""
+    from nemotron_core.ops import triton_moe
+
+    triton_moe.ROUTE_PDL = on
+
+
 def _mamba_step(model, on: bool) -> None:
     from nemotron_core.ops import triton_mamba_step
 
@@ -83,7 +98,8 @@ def _pdl(model, on: bool) -> None:
 
 
 SWITCHES = {"pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step, "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm,
-            "sorted_experts": _sorted_experts, "sorted_flat": _sorted_flat, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
+            "sorted_experts": _sorted_experts, "sorted_flat": _sorted_flat,
+            "shared_ahead": _shared_ahead, "route_pdl": _route_pdl, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 
 def main() -> None:

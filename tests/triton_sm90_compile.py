@@ -78,7 +78,7 @@ def main() -> int:
     for parts in (1, 11):  # logits, or the decode router's partial sums
         results.append(compile_one(f"moe_route parts={parts}", route, sig,
                                    {"TOPK": 6, "NORM": True, "PRECISE": True, "PARTS": parts, "BLOCK_T": 8,
-                                    "BLOCK_E": 128, "BLOCK_K": 8}))
+                                    "BLOCK_E": 128, "BLOCK_K": 8, "WAIT": parts > 1, "TRIGGER": parts > 1}))
     sig = {**ptrs("y_ptr shared_ptr out_ptr g_ptr normed_ptr", "bf16"), "pos_ptr": "*i64", "w_ptr": "*fp32",
            **ints("N H"), **ints("stride_y stride_pt stride_pk stride_wt stride_wk stride_s stride_o stride_n"),
            "eps": "fp32"}
@@ -97,7 +97,8 @@ def main() -> int:
         for norm in (False, True):
             results.append(compile_one(f"router_partials rows={block_m} norm={norm}", partials, sig,
                                        {"K": 2688, "BLOCK_M": block_m, "BLOCK_E": triton_router.SLICE_E,
-                                        "BLOCK_K": triton_router.SLICE_K, "NORM": norm, "ROW_K": 1024 // block_m}, warps))
+                                        "BLOCK_K": triton_router.SLICE_K, "NORM": norm, "ROW_K": 1024 // block_m,
+                                        "TRIGGER": norm}, warps))
     router, _ = triton_router._kernel()
     sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", **ints("M E K M_BUCKET stride_xm stride_we stride_om")}
     for bm, bn, warps in triton_router._CONFIGS:
@@ -120,7 +121,7 @@ def main() -> int:
             for parts, own_row, relu2 in ((0, False, True), (0, True, False), (2, False, True), (2, True, False)):
                 consts = {"K": 2688, "BLOCK_N": bn, "BLOCK_K": bk, "ROW_DIV": 1 if own_row else 6,
                           "OWN_ROW": own_row, "PARTS": parts, "RELU2": relu2, "GROUPED": grouped, "S_P2": 64,
-                          "MG": 16, "IEEE": dt == "fp32"}
+                          "MG": 16, "IEEE": dt == "fp32", "PDL": parts > 0 and not own_row}
                 if parts == 0:
                     consts["ws_ptr"] = None
                 results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} "

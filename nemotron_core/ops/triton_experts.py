@@ -39,6 +39,10 @@ _CONFIGS = (tuple((bn, bk, w, False) for bn, bk, w in _PLAIN_TILES)
             + tuple((bn, bk, w, True) for bn, bk, w in _GROUPED_TILES))
 # The interpreter (CPU tests) cannot time configs: it runs this one (tests switch it, then rebuild).
 INTERPRETER_CONFIG = 0
+# With the shared expert among the slots, on sm_90+: the up projection is launched with programmatic
+# dependent launch behind the route kernel, whose start signals it, so the shared expert's programs
+# stream their weights while the routing is computed (``expert_gemv``). A switch for benchmarks.
+SHARED_AHEAD = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,11 +95,13 @@ def _kernel():
                        stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
                        PARTS: tl.constexpr, RELU2: tl.constexpr, S_P2: tl.constexpr, MG: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, PDL: tl.constexpr):
         """The slots routed to expert ``e``, computed by the program of the first of them (the others
         return at once): its weight tile is read once per K step and multiplied into all member rows."""
         offs_s = tl.arange(0, S_P2)
-        ids = _expert_of(offs_s, offs_s < S, expert_ptr, R, E, PARTS)
+        # A shared-expert part's group has no routed slot: it reads no router id (which, under PDL,
+        # the route kernel may still be writing).
+        ids = _expert_of(offs_s, (offs_s < S) & ((e < E) | (offs_s >= R)), expert_ptr, R, E, PARTS)
         same = (ids == e) & (offs_s < S)
         if tl.min(tl.where(same, offs_s, S_P2), axis=0) == slot:
             # Member m of the group = the slot whose running count of members is m.
@@ -120,6 +126,8 @@ def _kernel():
             if RELU2:
                 acc = tl.maximum(acc, 0.0)
                 acc = acc * acc
+            if PDL:  # (see expert_gemv)
+                gdc_wait()
             mask = valid[:, None] & (offs_n[None, :] < N)
             tl.store(out_ptr + member[:, None].to(tl.int64) * stride_om + offs_n[None, :],
                      acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -129,21 +137,28 @@ def _kernel():
                     stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
                     PARTS: tl.constexpr, RELU2: tl.constexpr, GROUPED: tl.constexpr, S_P2: tl.constexpr,
-                    MG: tl.constexpr, IEEE: tl.constexpr):
+                    MG: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
         # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
         # Slot s < R = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
         # s // top_k (ROW_DIV = top_k), the down projection its own row s (OWN_ROW). Deriving the row
         # here saves the host-side arange/repeat_interleave launches. Slots from R on are the shared
         # expert's PARTS parts per token (``gemv_experts``).
+        # PDL (launched with programmatic dependent launch right behind the route kernel, which lets
+        # it start at once): a routed slot's program waits for the route kernel's ids; a shared part's
+        # program needs nothing from it, so it streams its weights meanwhile and waits only before
+        # its stores (the route kernel's inputs may be freed memory that this output reuses).
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
+        if PDL:
+            if slot < R:
+                gdc_wait()
         e = _expert_of(slot, slot < S, expert_ptr, R, E, PARTS)  # int64 router ids, or int32
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if GROUPED:
             _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, N, K, S, R, E, stride_xm, stride_we,
                            stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n, BLOCK_N, BLOCK_K,
-                           ROW_DIV, OWN_ROW, PARTS, RELU2, S_P2, MG, IEEE)
+                           ROW_DIV, OWN_ROW, PARTS, RELU2, S_P2, MG, IEEE, PDL)
             return
         row = _row_of(slot, R, ROW_DIV, PARTS, OWN_ROW).to(tl.int64)
         w_base, w_row = _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS)
@@ -157,10 +172,14 @@ def _kernel():
         if RELU2:
             acc = tl.maximum(acc, 0.0)
             acc = acc * acc
+        if PDL:
+            gdc_wait()
         tl.store(out_ptr + slot * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
+    from triton.language.extra.cuda import gdc_wait
+
     globals().update(tl=tl, _grouped_slots=_grouped_slots, _expert_of=_expert_of, _row_of=_row_of,
-                     _weights_of=_weights_of)  # the interpreter resolves names here
+                     _weights_of=_weights_of, gdc_wait=gdc_wait)  # the interpreter resolves names here
 
     def tuned(choices):
         return triton.autotune(
@@ -184,7 +203,7 @@ def _kernel():
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int | None, relu2: bool,
           tokens: int = 1, shared_w: torch.Tensor | None = None, parts: int = 0,
-          split_rows: bool = True, config: dict | None = None) -> torch.Tensor:
+          split_rows: bool = True, config: dict | None = None, pdl: bool = False) -> torch.Tensor:
     """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (``x[s]`` when ``row_div`` is None),
     relu2'd if asked.
 
@@ -192,7 +211,8 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int 
     rows (``split_rows``) or its columns), ``tokens * parts`` slots follow the routed ones: slot
     ``R + t * parts + j`` is part j of it applied to token t (x row t, or the slot's own row).
     ``config`` (``BLOCK_N``, ``BLOCK_K``, ``GROUPED``, ``num_warps``, ``num_stages``) bypasses the
-    autotuner (``benchmarks/gpu_gemv_sweep.py`` times candidates this way).
+    autotuner (``benchmarks/gpu_gemv_sweep.py`` times candidates this way). ``pdl``: launch with
+    programmatic dependent launch (see ``expert_gemv``; sm_90+, compiled).
     """
     experts_kernel, plain_kernel, cdiv = _kernel()
     n, k = w.shape[1], w.shape[2]
@@ -214,7 +234,7 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int 
     launch(x, w, shared_w, experts, out, n, k, rows, routed, w.shape[0],
            x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off, out.stride(0),
            ROW_DIV=row_div or 1, OWN_ROW=row_div is None, PARTS=parts, RELU2=relu2, S_P2=s_p2, MG=mg,
-           IEEE=x.dtype == torch.float32)
+           IEEE=x.dtype == torch.float32, PDL=pdl, launch_pdl=pdl)
     return out
 
 
@@ -274,8 +294,10 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
         if parts == 0:
             raise ValueError(f"the shared expert {tuple(shared_up.shape)} / {tuple(shared_down.shape)} does not cut "
                              f"into experts of {tuple(up.shape[1:])} / {tuple(down.shape[1:])}")
+    # The up projection may start during the route kernel before it (its shared parts need no ids).
+    pdl = SHARED_AHEAD and parts > 0 and triton_moe.pdl_launch(x)
     h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok,
-              shared_w=shared_up, parts=parts, split_rows=True)  # [slots, inter]
+              shared_w=shared_up, parts=parts, split_rows=True, pdl=pdl)  # [slots, inter]
     y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok,
               shared_w=shared_down, parts=parts, split_rows=False)  # [slots, out], slot order
     return combine_triton(y, None, weights, shared, out_dtype=x.dtype, shared_parts=parts, next_norm=next_norm)

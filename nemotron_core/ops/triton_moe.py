@@ -41,6 +41,10 @@ def have_triton() -> bool:
 # still runs, once that one's programs have all called gdc_launch_dependents; it reads that kernel's
 # results only after gdc_wait. A global switch, so a benchmark can measure with and without.
 PDL = True
+# Whether, under PDL, the route kernel is launched to start while the router's partial-logit kernel
+# before it runs (which signals it at its start; route waits for it before reading): a switch for
+# benchmarks.
+ROUTE_PDL = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,7 +115,15 @@ def _kernels():
     @triton.jit
     def moe_route(logits_ptr, bias_ptr, idx_ptr, w_ptr, N, E, stride_p, stride_l, scaling,
                   TOPK: tl.constexpr, NORM: tl.constexpr, PRECISE: tl.constexpr, PARTS: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, WAIT: tl.constexpr,
+                  TRIGGER: tl.constexpr):
+        # WAIT: launched with PDL; the logits come from the kernel before. Only then TRIGGER: the
+        # expert GEMV that then starts reads, before waiting, what that kernel wrote (the
+        # normalised x), so this kernel's own wait must come first.
+        if WAIT:
+            gdc_wait()
+        if TRIGGER:  # let the expert GEMV start its shared expert's part now (triton_experts)
+            gdc_launch_dependents()
         offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         offs_e = tl.arange(0, BLOCK_E)
         offs_k = tl.arange(0, BLOCK_K)
@@ -200,6 +212,9 @@ def _kernels():
             tl.store(normed_ptr + offs_t[:, None] * stride_n + offs_h[None, :],
                      normed.to(normed_ptr.dtype.element_ty), mask=mask)
 
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    globals().update(gdc_launch_dependents=gdc_launch_dependents, gdc_wait=gdc_wait)  # (the interpreter's names)
     return moe_route, moe_combine, triton.cdiv
 
 
@@ -229,13 +244,15 @@ def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: 
     if parts.stride(-1) != 1:
         parts = parts.contiguous()
     route, _, cdiv = _kernels()
+    wait = ROUTE_PDL and pdl_launch(logits)
     block_e = _next_pow2(n_exp)
     # A few tokens per program for small expert counts, so a program holds ~1k scores.
     block_t = min(_next_pow2(n), max(1, 1024 // block_e))
     route[(cdiv(n, block_t),)](
         parts, bias.contiguous(), idx, weights, n, n_exp, parts.stride(0), parts.stride(1), float(scaling),
         TOPK=top_k, NORM=bool(norm_topk_prob), PRECISE=not interpreting(), PARTS=parts.shape[0],
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k), WAIT=wait, TRIGGER=pdl_launch(logits),
+        launch_pdl=wait,
         # One token's row (a batch-1 decode step) in one warp: its 3 * top_k reductions are then warp
         # shuffles, with no shared-memory round trips and barriers between the warps.
         num_warps=1 if block_t * block_e <= 512 else 4)

@@ -30,7 +30,8 @@ import functools
 
 import torch
 
-from .triton_moe import _next_pow2, interpreting, usable
+from . import triton_moe
+from .triton_moe import _next_pow2, interpreting, pdl_launch, usable
 
 # router_logits from this many rows, router_partials below DECODE_ROWS, cuBLAS between (see above).
 MIN_ROWS = 2048
@@ -54,8 +55,10 @@ def _partials_kernel():
     @triton.jit
     def router_partials(x_ptr, w_ptr, out_ptr, g_ptr, xn_ptr, M, E, K: tl.constexpr, stride_xm, stride_we,
                         stride_op, stride_om, stride_nm, eps, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_K: tl.constexpr, NORM: tl.constexpr, ROW_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, NORM: tl.constexpr, ROW_K: tl.constexpr, TRIGGER: tl.constexpr):
         # K is a constexpr (one compile per hidden size): the norm's loop over K is unrolled.
+        if TRIGGER:  # the route kernel may start now (it waits for this one before reading)
+            gdc_launch_dependents()
         # Program (expert block, K slice, row block) writes partial sum number "slice" of its logits.
         k_slice = tl.program_id(1)
         offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -87,6 +90,9 @@ def _partials_kernel():
         tl.store(out_ptr + k_slice * stride_op + offs_m[:, None] * stride_om + offs_e[None, :], part,
                  mask=(offs_m[:, None] < M) & (offs_e[None, :] < E))
 
+    from triton.language.extra.cuda import gdc_launch_dependents
+
+    globals().update(gdc_launch_dependents=gdc_launch_dependents)  # (the interpreter's names)
     return router_partials, triton.cdiv
 
 
@@ -195,5 +201,6 @@ def router_partials(x: torch.Tensor, weight: torch.Tensor,
             x, weight, out, g, xn if xn is not None else x, n, e, k, x.stride(0), weight.stride(0), out.stride(0),
             out.stride(1), xn.stride(0) if xn is not None else 0, float(eps),
             BLOCK_M=block_m, BLOCK_E=SLICE_E, BLOCK_K=SLICE_K, NORM=norm is not None, ROW_K=1024 // block_m,
+            TRIGGER=triton_moe.ROUTE_PDL and pdl_launch(x),
             num_warps=8 if block_m >= 8 else 4)
     return out if norm is None else (out, xn)

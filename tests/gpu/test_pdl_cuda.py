@@ -1,12 +1,12 @@
 """Programmatic dependent launch in the captured decode step: the output projections' register-preload
-GEMV starts while the kernel before it runs; nothing it reads early may change, so the logits must be
-bit-identical with PDL on and off."""
+GEMV, the MoE block's route kernel and its expert up-projection start while the kernel before them
+runs; nothing they read early may change, so the logits must be bit-identical with PDL on and off."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from .common import graph_decode_logits
+from .common import count_calls, graph_decode_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -31,4 +31,54 @@ def test_pdl_changes_no_bit(monkeypatch) -> None:
     monkeypatch.setattr(triton_moe, "PDL", False)
     without = graph_decode_logits(model, ids, mask, 16)
     for i, (a, b) in enumerate(zip(with_pdl, without)):
+        assert torch.equal(a, b), f"step {i}"
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_shared_expert_ahead_changes_no_bit(monkeypatch, batch: int) -> None:
+    """The expert up-projection launched behind the route kernel with PDL (its shared-expert programs run
+    before the routing is known, the routed ones wait for it): the same logits, bit for bit, as with an
+    ordinary launch, at every step of a captured decode (batch 2: the second row left-padded)."""
+    pytest.importorskip("triton")
+    from nemotron_core.create import build_config, random_model
+    from nemotron_core.ops import triton_experts, triton_moe
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    model = random_model(build_config("tiny"), torch.bfloat16, seed=1, device="cuda").eval()
+    ids = torch.randint(3, 1000, (batch, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    mask = torch.ones(batch, 20, dtype=torch.long, device="cuda")
+    mask[batch - 1, :batch - 1] = 0
+    launches = []
+    real = triton_experts._gemv
+    monkeypatch.setattr(triton_experts, "_gemv", lambda *a, **k: launches.append(k.get("pdl")) or real(*a, **k))
+    ahead = graph_decode_logits(model, ids, mask, 16)
+    assert True in launches, "no expert GEMV was launched with PDL"
+    monkeypatch.setattr(triton_experts, "SHARED_AHEAD", False)
+    launches.clear()
+    plain = graph_decode_logits(model, ids, mask, 16)
+    assert launches and True not in launches
+    assert triton_moe.PDL
+    for i, (a, b) in enumerate(zip(ahead, plain)):
+        assert torch.equal(a, b), f"step {i}"
+
+
+def test_route_launched_early_changes_no_bit(monkeypatch) -> None:
+    """The route kernel launched with PDL behind the router's partial-logit kernel (which signals it at its
+    start; route waits before reading): the same logits, bit for bit, as with ordinary launches."""
+    pytest.importorskip("triton")
+    from nemotron_core.create import build_config, random_model
+    from nemotron_core.ops import triton_moe
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    model = random_model(build_config("tiny"), torch.bfloat16, seed=2, device="cuda").eval()
+    ids = torch.randint(3, 1000, (1, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    mask = torch.ones(1, 20, dtype=torch.long, device="cuda")
+    calls = count_calls(monkeypatch, triton_moe, "route_triton")
+    early = graph_decode_logits(model, ids, mask, 16)
+    assert calls and triton_moe.pdl_launch(ids), "the route kernel was not launched with PDL"
+    monkeypatch.setattr(triton_moe, "ROUTE_PDL", False)
+    plain = graph_decode_logits(model, ids, mask, 16)
+    for i, (a, b) in enumerate(zip(early, plain)):
         assert torch.equal(a, b), f"step {i}"
