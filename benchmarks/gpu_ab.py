@@ -64,6 +64,14 @@ def _route_pdl(model, on: bool) -> None:
     triton_moe.ROUTE_PDL = on
 
 
+def _mamba_early(model, on: bool) -> None:
+    """The fused Mamba step launched with PDL behind in_proj's GEMV (loading the SSM state meanwhile),
+    against an ordinary launch."""
+    from nemotron_core.ops import triton_mamba_step
+
+    triton_mamba_step.EARLY = on
+
+
 def _mamba_step(model, on: bool) -> None:
     from nemotron_core.ops import triton_mamba_step
 
@@ -99,7 +107,8 @@ def _pdl(model, on: bool) -> None:
 
 SWITCHES = {"pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step, "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm,
             "sorted_experts": _sorted_experts, "sorted_flat": _sorted_flat,
-            "shared_ahead": _shared_ahead, "route_pdl": _route_pdl, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
+            "shared_ahead": _shared_ahead, "route_pdl": _route_pdl,
+            "mamba_early": _mamba_early, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 
 def main() -> None:

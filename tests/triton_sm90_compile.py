@@ -147,7 +147,7 @@ def main() -> int:
         for relu2, res in ((False, True), (True, False)) if split > 1 else ((False, False),):
             results.append(compile_one(f"gemv_split_k {bn}x{bk} split={split} relu2={relu2} res={res}", gemv_plain, sig,
                                        {"K": 4096, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "RELU2": relu2,
-                                        "HAS_RES": res, "IEEE": False}, warps,
+                                        "HAS_RES": res, "IEEE": False, "TRIGGER": split == 1}, warps,
                                        aligned="x_ptr w_ptr res_ptr out_ptr part_ptr stride_wn", stages=stages))
     preload = triton_gemv._preload[0]
     for dt, split, relu2, res, pdl in (("bf16", 2, False, True, True), ("bf16", 2, True, False, False),
@@ -208,7 +208,7 @@ def main() -> int:
                **ints("stride_zb stride_cb stride_cc stride_ck stride_wc stride_wk stride_sb stride_sh stride_sp "
                       "stride_sn stride_ob")}
         consts = {"H": 64, "G": 8, "P": 64, "N": 128, "K": 4, "KP": 4, "BLOCK_P": block_p, "HAS_BIAS": True,
-                  "TRIGGER": dt == "bf16"}
+                  "TRIGGER": dt == "bf16", "WAIT": dt == "bf16"}
         results.append(compile_one(f"mamba_step {dt} block_p={block_p}", step, sig, consts, 4))
     print(f"{sum(results)} of {len(results)} kernel variants compiled for sm_90")
     return 0 if all(results) else 1

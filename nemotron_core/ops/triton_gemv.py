@@ -77,7 +77,9 @@ def _kernel():
     @triton.jit
     def gemv_split_k(x_ptr, w_ptr, res_ptr, out_ptr, part_ptr, count_ptr, N, K: tl.constexpr, stride_wn,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, RELU2: tl.constexpr,
-                     HAS_RES: tl.constexpr, IEEE: tl.constexpr):
+                     HAS_RES: tl.constexpr, IEEE: tl.constexpr, TRIGGER: tl.constexpr):
+        if TRIGGER:  # a kernel launched with PDL behind this one (the fused Mamba step) may start now
+            gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -142,10 +144,11 @@ def _kernel():
         y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         _finish(y, res_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_k, offs_n, mask_n, N, SPLIT, RELU2, HAS_RES)
 
-    from triton.language.extra.cuda import gdc_wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     # The interpreter resolves names through the module's globals.
-    globals().update(tl=tl, _epilogue=_epilogue, _finish=_finish, gdc_wait=gdc_wait)
+    globals().update(tl=tl, _epilogue=_epilogue, _finish=_finish, gdc_wait=gdc_wait,
+                     gdc_launch_dependents=gdc_launch_dependents)
     _preload.append(gemv_preload)
     if interpreting():
         return gemv_split_k, gemv_split_k, triton.cdiv  # configs are chosen by the caller (no timing here)
@@ -204,7 +207,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     launch = tuned[grid] if config is None else functools.partial(plain[grid], **config)
     launch(x, weight, res, out, part, _counters(x.device), n, k, weight.stride(0),
-           RELU2=relu2, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32)
+           RELU2=relu2, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, TRIGGER=pdl_launch(x))
     return out.view(*lead, n)
 
 

@@ -37,6 +37,9 @@ from .triton_moe import _next_pow2, pdl_launch, usable
 # True always; False never. Alone, mamba-ssm's two kernels plus our conv took as long on the H200
 # (5.98 against 5.76 us a layer at batch 1, 14.00 against 14.44 at batch 8).
 ENABLED: bool | None = None
+# Under PDL: launched to start while in_proj's GEMV still runs (it signals at its start), loading the
+# SSM state before waiting for it. A switch for benchmarks.
+EARLY = True
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_GROUPS = 1 << 16  # (row, norm group) counters per device
 
@@ -73,7 +76,8 @@ def _kernel():
                    stride_zb, stride_cb, stride_cc, stride_ck, stride_wc, stride_wk,
                    stride_sb, stride_sh, stride_sp, stride_sn, stride_ob,
                    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
-                   KP: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr, TRIGGER: tl.constexpr):
+                   KP: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr, TRIGGER: tl.constexpr,
+                   WAIT: tl.constexpr):
         if TRIGGER:  # let the next kernel (out_proj's GEMV) start loading its weights now
             gdc_launch_dependents()
         b = tl.program_id(0).to(tl.int64)
@@ -86,6 +90,18 @@ def _kernel():
         offs_p = h * P + pb * BLOCK_P + tl.arange(0, BLOCK_P)  # this program's x (and z, y) channels
         offs_b = DI + g * N + tl.arange(0, N)  # its group's B channels (conv channel numbering)
         offs_n = tl.arange(0, N)
+        # What the kernel before (in_proj's GEMV) does not write comes first: the SSM state slice (the
+        # largest read) and the head's parameters. WAIT (launched with PDL behind that GEMV, which
+        # signals at its start): only then wait for it. Every store comes after the wait (an output
+        # may reuse memory that the GEMV still reads).
+        st = (sst_ptr + b * stride_sb + h * stride_sh + (offs_p - h * P)[:, None] * stride_sp
+              + offs_n[None, :] * stride_sn)
+        old_state = tl.load(st).to(tl.float32)
+        a_h = tl.load(A_ptr + h).to(tl.float32)
+        d_h = tl.load(D_ptr + h).to(tl.float32)
+        dt_bias = tl.load(dtb_ptr + h).to(tl.float32)
+        if WAIT:
+            gdc_wait()
         x, x_state = _conv(zx + DI, cst, cw_ptr, cb_ptr, offs_p, stride_cc, stride_ck, stride_wc, stride_wk,
                            K, KP, HAS_BIAS)
         B, b_state = _conv(zx + DI, cst, cw_ptr, cb_ptr, offs_b, stride_cc, stride_ck, stride_wc, stride_wk,
@@ -96,15 +112,13 @@ def _kernel():
         tl.store(cst + offs_p[:, None] * stride_cc + k[None, :] * stride_ck, x_state, mask=k[None, :] < K - 1)
 
         # dt = softplus(dt + dt_bias) (torch's threshold of 20), clamped to dt_limit.
-        dt = tl.load(zx + DI + DI + 2 * G * N + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+        dt = tl.load(zx + DI + DI + 2 * G * N + h).to(tl.float32) + dt_bias
         dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
         dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-        dA = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
-        st = (sst_ptr + b * stride_sb + h * stride_sh + (offs_p - h * P)[:, None] * stride_sp
-              + offs_n[None, :] * stride_sn)
-        state = tl.load(st).to(tl.float32) * dA + (dt * x)[:, None] * B[None, :]
+        dA = tl.exp(dt * a_h)
+        state = old_state * dA + (dt * x)[:, None] * B[None, :]
         tl.store(st, state.to(sst_ptr.dtype.element_ty))
-        y = tl.sum(state * C[None, :], axis=1) + tl.load(D_ptr + h).to(tl.float32) * x
+        y = tl.sum(state * C[None, :], axis=1) + d_h * x
         y = y.to(zx_ptr.dtype.element_ty).to(tl.float32)  # the state update's output dtype
         z = tl.load(zx + offs_p).to(tl.float32)
         gated = y * (z * tl.sigmoid(z))
@@ -130,9 +144,10 @@ def _kernel():
                      mask=k[None, :] < K - 1)
             tl.atomic_xchg(count_ptr + b * G + g, 0)  # ready for the next call
 
-    from triton.language.extra.cuda import gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-    globals().update(tl=tl, _conv=_conv, gdc_launch_dependents=gdc_launch_dependents)  # (the interpreter's names)
+    globals().update(tl=tl, _conv=_conv, gdc_launch_dependents=gdc_launch_dependents,
+                     gdc_wait=gdc_wait)  # (the interpreter's names)
     return mamba_step
 
 
@@ -185,6 +200,7 @@ def mamba_step(zxbcdt: torch.Tensor, conv_state: torch.Tensor, conv_weight: torc
     gated = torch.empty(bsz, d_inner, dtype=torch.float32, device=zxbcdt.device)
     sq = torch.empty(bsz, heads * (p // block_p), dtype=torch.float32, device=zxbcdt.device)
     kernel = _kernel()
+    wait = EARLY and pdl_launch(zxbcdt)
     kernel[(bsz, heads * (p // block_p))](
         zxbcdt, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, ssm_state, A, D,
         dt_bias, norm_weight, out, gated, sq, _counters(zxbcdt.device), float(dt_limit[0]), float(dt_limit[1]),
@@ -192,7 +208,7 @@ def mamba_step(zxbcdt: torch.Tensor, conv_state: torch.Tensor, conv_weight: torc
         conv_weight.stride(0), conv_weight.stride(1), ssm_state.stride(0), ssm_state.stride(1),
         ssm_state.stride(2), ssm_state.stride(3), out.stride(0),
         H=heads, G=n_groups, P=p, N=n, K=k, KP=_next_pow2(k), BLOCK_P=block_p, HAS_BIAS=conv_bias is not None,
-        TRIGGER=pdl_launch(zxbcdt), num_warps=4)
+        TRIGGER=pdl_launch(zxbcdt), WAIT=wait, launch_pdl=wait, num_warps=4)
     return out
 
 

@@ -82,3 +82,27 @@ def test_route_launched_early_changes_no_bit(monkeypatch) -> None:
     plain = graph_decode_logits(model, ids, mask, 16)
     for i, (a, b) in enumerate(zip(early, plain)):
         assert torch.equal(a, b), f"step {i}"
+
+
+def test_mamba_step_launched_early_changes_no_bit(monkeypatch) -> None:
+    """The fused Mamba step launched with PDL behind in_proj's split-K GEMV (which signals at its start):
+    it loads the SSM state before waiting, and the logits stay bit-identical to ordinary launches."""
+    pytest.importorskip("triton")
+    from nemotron_core.create import build_config, random_model
+    from nemotron_core.ops import triton_gemv, triton_mamba_step, triton_moe
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    model = random_model(build_config("tiny"), torch.bfloat16, seed=3, device="cuda").eval()
+    model.model.backend.linear = "triton"
+    monkeypatch.setattr(triton_gemv, "PRELOAD", False)  # in_proj on the split-K kernel, which signals
+    monkeypatch.setattr(triton_mamba_step, "ENABLED", True)
+    ids = torch.randint(3, 1000, (1, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    mask = torch.ones(1, 20, dtype=torch.long, device="cuda")
+    calls = count_calls(monkeypatch, triton_mamba_step, "mamba_step")
+    early = graph_decode_logits(model, ids, mask, 16)
+    assert calls and triton_moe.pdl_launch(ids)
+    monkeypatch.setattr(triton_mamba_step, "EARLY", False)
+    plain = graph_decode_logits(model, ids, mask, 16)
+    for i, (a, b) in enumerate(zip(early, plain)):
+        assert torch.equal(a, b), f"step {i}"
