@@ -72,6 +72,22 @@ def _mamba_early(model, on: bool) -> None:
     triton_mamba_step.EARLY = on
 
 
+def _down_early(model, on: bool) -> None:
+    """The expert down-projection launched with PDL behind the up-projection (its first weight tile
+    loaded meanwhile), against an ordinary launch."""
+    from nemotron_core.ops import triton_experts
+
+    triton_experts.DOWN_EARLY = on
+
+
+def _gemv_early(model, on: bool) -> None:
+    """The split-K GEMV (in_proj) launched with PDL behind the MoE combine (its first weight tile loaded
+    meanwhile), against an ordinary launch."""
+    from nemotron_core.ops import triton_gemv
+
+    triton_gemv.EARLY = on
+
+
 def _mamba_step(model, on: bool) -> None:
     from nemotron_core.ops import triton_mamba_step
 
@@ -108,7 +124,7 @@ def _pdl(model, on: bool) -> None:
 SWITCHES = {"pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step, "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm,
             "sorted_experts": _sorted_experts, "sorted_flat": _sorted_flat,
             "shared_ahead": _shared_ahead, "route_pdl": _route_pdl,
-            "mamba_early": _mamba_early, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
+            "mamba_early": _mamba_early, "down_early": _down_early, "gemv_early": _gemv_early, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ def main() -> int:
                                    combine, sig,
                                    {"TOPK": 6, "IMPLICIT_POS": implicit, "HAS_SHARED": shared, "PARTS": parts,
                                     "BLOCK_T": 1 if norm else 16, "BLOCK_H": 4096 if norm else 256,
-                                    "NEXT_NORM": norm}, 8 if norm else 4))
+                                    "NEXT_NORM": norm, "TRIGGER": norm}, 8 if norm else 4))
 
     partials, _ = triton_router._partials_kernel()
     sig = {**ptrs("x_ptr xn_ptr g_ptr", "bf16"), "w_ptr": "*fp32", "out_ptr": "*fp32",
@@ -121,7 +121,8 @@ def main() -> int:
             for parts, own_row, relu2 in ((0, False, True), (0, True, False), (2, False, True), (2, True, False)):
                 consts = {"K": 2688, "BLOCK_N": bn, "BLOCK_K": bk, "ROW_DIV": 1 if own_row else 6,
                           "OWN_ROW": own_row, "PARTS": parts, "RELU2": relu2, "GROUPED": grouped, "S_P2": 64,
-                          "MG": 16, "IEEE": dt == "fp32", "PDL": parts > 0 and not own_row}
+                          "MG": 16, "IEEE": dt == "fp32", "PDL": parts > 0 and not own_row,
+                          "TRIGGER": not own_row, "WAIT_X": own_row}
                 if parts == 0:
                     consts["ws_ptr"] = None
                 results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} "
@@ -147,7 +148,8 @@ def main() -> int:
         for relu2, res in ((False, True), (True, False)) if split > 1 else ((False, False),):
             results.append(compile_one(f"gemv_split_k {bn}x{bk} split={split} relu2={relu2} res={res}", gemv_plain, sig,
                                        {"K": 4096, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "RELU2": relu2,
-                                        "HAS_RES": res, "IEEE": False, "TRIGGER": split == 1}, warps,
+                                        "HAS_RES": res, "IEEE": False, "TRIGGER": split == 1,
+                                        "WAIT": bn == 32}, warps,
                                        aligned="x_ptr w_ptr res_ptr out_ptr part_ptr stride_wn", stages=stages))
     preload = triton_gemv._preload[0]
     for dt, split, relu2, res, pdl in (("bf16", 2, False, True, True), ("bf16", 2, True, False, False),

@@ -43,6 +43,9 @@ INTERPRETER_CONFIG = 0
 # dependent launch behind the route kernel, whose start signals it, so the shared expert's programs
 # stream their weights while the routing is computed (``expert_gemv``). A switch for benchmarks.
 SHARED_AHEAD = True
+# On sm_90+: the down projection is launched with PDL behind the up projection, which signals it
+# once its router ids are known; it loads its first weight tile before waiting. A switch for benchmarks.
+DOWN_EARLY = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,7 +98,7 @@ def _kernel():
                        stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
                        PARTS: tl.constexpr, RELU2: tl.constexpr, S_P2: tl.constexpr, MG: tl.constexpr,
-                       IEEE: tl.constexpr, PDL: tl.constexpr):
+                       IEEE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr, WAIT_X: tl.constexpr):
         """The slots routed to expert ``e``, computed by the program of the first of them (the others
         return at once): its weight tile is read once per K step and multiplied into all member rows."""
         offs_s = tl.arange(0, S_P2)
@@ -113,7 +116,19 @@ def _kernel():
             rows = _row_of(member, R, ROW_DIV, PARTS, OWN_ROW).to(tl.int64)
             w_base, w_row = _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS)
             acc = tl.zeros((MG, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            if WAIT_X:  # (see expert_gemv) the first weight tile while the up projection finishes
+                offs_k = tl.arange(0, BLOCK_K)
+                w = tl.load(w_base + offs_n[:, None] * w_row + offs_k[None, :],
+                            mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+                gdc_wait()
+                xs = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                             mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+                if IEEE:
+                    acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xs, tl.trans(w), acc)
+            START: tl.constexpr = BLOCK_K * WAIT_X
+            for k0 in range(START, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 xs = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                              mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -128,6 +143,9 @@ def _kernel():
                 acc = acc * acc
             if PDL:  # (see expert_gemv)
                 gdc_wait()
+                if TRIGGER:
+                    if slot >= R:
+                        gdc_launch_dependents()
             mask = valid[:, None] & (offs_n[None, :] < N)
             tl.store(out_ptr + member[:, None].to(tl.int64) * stride_om + offs_n[None, :],
                      acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -137,7 +155,8 @@ def _kernel():
                     stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
                     PARTS: tl.constexpr, RELU2: tl.constexpr, GROUPED: tl.constexpr, S_P2: tl.constexpr,
-                    MG: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                    MG: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr,
+                    WAIT_X: tl.constexpr):
         # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
         # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
         # Slot s < R = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
@@ -148,20 +167,30 @@ def _kernel():
         # it start at once): a routed slot's program waits for the route kernel's ids; a shared part's
         # program needs nothing from it, so it streams its weights meanwhile and waits only before
         # its stores (the route kernel's inputs may be freed memory that this output reuses).
+        # TRIGGER: let the next kernel (the down projection, WAIT_X) start, but only after this
+        # program's wait (it reads the router's ids before its own wait). WAIT_X: that down
+        # projection, launched with PDL: ids and the first weight tile first, then wait for the up
+        # projection before reading x; every store after the wait.
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
         if PDL:
             if slot < R:
                 gdc_wait()
+                if TRIGGER:
+                    gdc_launch_dependents()
+        elif TRIGGER:
+            gdc_launch_dependents()
         e = _expert_of(slot, slot < S, expert_ptr, R, E, PARTS)  # int64 router ids, or int32
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if GROUPED:
             _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, N, K, S, R, E, stride_xm, stride_we,
                            stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n, BLOCK_N, BLOCK_K,
-                           ROW_DIV, OWN_ROW, PARTS, RELU2, S_P2, MG, IEEE, PDL)
+                           ROW_DIV, OWN_ROW, PARTS, RELU2, S_P2, MG, IEEE, PDL, TRIGGER, WAIT_X)
             return
         row = _row_of(slot, R, ROW_DIV, PARTS, OWN_ROW).to(tl.int64)
         w_base, w_row = _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS)
+        if WAIT_X:
+            gdc_wait()
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -174,12 +203,16 @@ def _kernel():
             acc = acc * acc
         if PDL:
             gdc_wait()
+            if TRIGGER:
+                if slot >= R:
+                    gdc_launch_dependents()
         tl.store(out_ptr + slot * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
-    from triton.language.extra.cuda import gdc_wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     globals().update(tl=tl, _grouped_slots=_grouped_slots, _expert_of=_expert_of, _row_of=_row_of,
-                     _weights_of=_weights_of, gdc_wait=gdc_wait)  # the interpreter resolves names here
+                     _weights_of=_weights_of, gdc_wait=gdc_wait,
+                     gdc_launch_dependents=gdc_launch_dependents)  # the interpreter resolves names here
 
     def tuned(choices):
         return triton.autotune(
@@ -203,7 +236,8 @@ def _kernel():
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int | None, relu2: bool,
           tokens: int = 1, shared_w: torch.Tensor | None = None, parts: int = 0,
-          split_rows: bool = True, config: dict | None = None, pdl: bool = False) -> torch.Tensor:
+          split_rows: bool = True, config: dict | None = None, pdl: bool = False, trigger: bool = False,
+          wait_x: bool = False) -> torch.Tensor:
     """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (``x[s]`` when ``row_div`` is None),
     relu2'd if asked.
 
@@ -211,7 +245,8 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int 
     rows (``split_rows``) or its columns), ``tokens * parts`` slots follow the routed ones: slot
     ``R + t * parts + j`` is part j of it applied to token t (x row t, or the slot's own row).
     ``config`` (``BLOCK_N``, ``BLOCK_K``, ``GROUPED``, ``num_warps``, ``num_stages``) bypasses the
-    autotuner (``benchmarks/gpu_gemv_sweep.py`` times candidates this way). ``pdl``: launch with
+    autotuner (``benchmarks/gpu_gemv_sweep.py`` times candidates this way). ``pdl``, ``trigger``,
+    ``wait_x``: the up projection behind the route kernel, and the down projection behind it, under
     programmatic dependent launch (see ``expert_gemv``; sm_90+, compiled).
     """
     experts_kernel, plain_kernel, cdiv = _kernel()
@@ -234,7 +269,7 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int 
     launch(x, w, shared_w, experts, out, n, k, rows, routed, w.shape[0],
            x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off, out.stride(0),
            ROW_DIV=row_div or 1, OWN_ROW=row_div is None, PARTS=parts, RELU2=relu2, S_P2=s_p2, MG=mg,
-           IEEE=x.dtype == torch.float32, PDL=pdl, launch_pdl=pdl)
+           IEEE=x.dtype == torch.float32, PDL=pdl, TRIGGER=trigger, WAIT_X=wait_x, launch_pdl=pdl or wait_x)
     return out
 
 
@@ -296,8 +331,10 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
                              f"into experts of {tuple(up.shape[1:])} / {tuple(down.shape[1:])}")
     # The up projection may start during the route kernel before it (its shared parts need no ids).
     pdl = SHARED_AHEAD and parts > 0 and triton_moe.pdl_launch(x)
+    # And the down projection may load its first weight tiles while the up projection finishes.
+    down_early = DOWN_EARLY and triton_moe.pdl_launch(x)
     h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok,
-              shared_w=shared_up, parts=parts, split_rows=True, pdl=pdl)  # [slots, inter]
+              shared_w=shared_up, parts=parts, split_rows=True, pdl=pdl, trigger=down_early)  # [slots, inter]
     y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok,
-              shared_w=shared_down, parts=parts, split_rows=False)  # [slots, out], slot order
+              shared_w=shared_down, parts=parts, split_rows=False, wait_x=down_early)  # [slots, out], slot order
     return combine_triton(y, None, weights, shared, out_dtype=x.dtype, shared_parts=parts, next_norm=next_norm)

@@ -45,6 +45,10 @@ PRELOAD = True
 _PRELOAD_BYTES = 64 * 1024  # weight bytes per program (8 warps: 64 registers a thread)
 _PRELOAD_BLOCK_N = 16
 _preload: list = []  # the kernel, once built
+# Under PDL: the split-K GEMV is launched to start while the kernel before it runs (where that one
+# signals early: the MoE combine before the next block's in_proj), loading its first weight tile
+# before it waits. A switch for benchmarks.
+EARLY = True
 
 
 def preload_split(n: int, k: int, elem: int) -> int:
@@ -77,7 +81,7 @@ def _kernel():
     @triton.jit
     def gemv_split_k(x_ptr, w_ptr, res_ptr, out_ptr, part_ptr, count_ptr, N, K: tl.constexpr, stride_wn,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, RELU2: tl.constexpr,
-                     HAS_RES: tl.constexpr, IEEE: tl.constexpr, TRIGGER: tl.constexpr):
+                     HAS_RES: tl.constexpr, IEEE: tl.constexpr, TRIGGER: tl.constexpr, WAIT: tl.constexpr):
         if TRIGGER:  # a kernel launched with PDL behind this one (the fused Mamba step) may start now
             gdc_launch_dependents()
         pid_n = tl.program_id(0)
@@ -88,7 +92,23 @@ def _kernel():
         # dot's pipelined loads, which beat plain loads here; the other 15 rows are zeros.
         rows = tl.arange(0, 16)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, (K + SPLIT - 1) // SPLIT, BLOCK_K):  # this split's K range
+        if WAIT:
+            # Launched with PDL: the first weight tile is loaded while the kernel before still runs
+            # (it signalled at its start), then wait for it before reading x; everything is stored
+            # after the wait.
+            offs_k = pid_k * ((K + SPLIT - 1) // SPLIT) + tl.arange(0, BLOCK_K)
+            in_k = (offs_k < K) & (tl.arange(0, BLOCK_K) < (K + SPLIT - 1) // SPLIT)
+            w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+                        mask=mask_n[:, None] & in_k[None, :], other=0.0)
+            gdc_wait()
+            xs = tl.load(x_ptr + rows[:, None] * 0 + offs_k[None, :], mask=(rows[:, None] == 0) & in_k[None, :],
+                         other=0.0)
+            if IEEE:
+                acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xs, tl.trans(w), acc)
+        START: tl.constexpr = BLOCK_K * WAIT
+        for k0 in range(START, (K + SPLIT - 1) // SPLIT, BLOCK_K):  # this split's K range
             offs_k = pid_k * ((K + SPLIT - 1) // SPLIT) + k0 + tl.arange(0, BLOCK_K)
             in_k = (offs_k < K) & (k0 + tl.arange(0, BLOCK_K) < (K + SPLIT - 1) // SPLIT)
             xs = tl.load(x_ptr + rows[:, None] * 0 + offs_k[None, :], mask=(rows[:, None] == 0) & in_k[None, :],
@@ -206,8 +226,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     part = torch.empty(splits, n, dtype=torch.float32, device=x.device)
     grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     launch = tuned[grid] if config is None else functools.partial(plain[grid], **config)
+    wait = EARLY and pdl_launch(x)
     launch(x, weight, res, out, part, _counters(x.device), n, k, weight.stride(0),
-           RELU2=relu2, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, TRIGGER=pdl_launch(x))
+           RELU2=relu2, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, TRIGGER=pdl_launch(x),
+           WAIT=wait, launch_pdl=wait)
     return out.view(*lead, n)
 
 

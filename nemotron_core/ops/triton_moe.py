@@ -176,7 +176,10 @@ def _kernels():
     def moe_combine(y_ptr, pos_ptr, w_ptr, shared_ptr, out_ptr, g_ptr, normed_ptr, N, H,
                     stride_y, stride_pt, stride_pk, stride_wt, stride_wk, stride_s, stride_o, stride_n, eps,
                     TOPK: tl.constexpr, IMPLICIT_POS: tl.constexpr, HAS_SHARED: tl.constexpr,
-                    PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NEXT_NORM: tl.constexpr):
+                    PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NEXT_NORM: tl.constexpr,
+                    TRIGGER: tl.constexpr):
+        if TRIGGER:  # the next block's projection (a split-K GEMV launched with PDL) may start now
+            gdc_launch_dependents()
         # int64 row indices: tokens * k * hidden passes 2**31 at long prefills.
         offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -307,6 +310,6 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
         y.stride(0), p.stride(0), p.stride(1), weights.stride(0), weights.stride(1), s.stride(0), out.stride(0),
         out.stride(0), float(eps),
         TOPK=top_k, IMPLICIT_POS=pos is None, HAS_SHARED=shared is not None, PARTS=shared_parts,
-        BLOCK_T=block_t, BLOCK_H=block_h, NEXT_NORM=next_norm is not None,
+        BLOCK_T=block_t, BLOCK_H=block_h, NEXT_NORM=next_norm is not None, TRIGGER=pdl_launch(y),
         num_warps=NORM_WARPS if next_norm is not None else 4)
     return out if normed is None else (out, normed)

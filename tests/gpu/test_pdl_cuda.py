@@ -1,6 +1,7 @@
 """Programmatic dependent launch in the captured decode step: the output projections' register-preload
-GEMV, the MoE block's route kernel and its expert up-projection start while the kernel before them
-runs; nothing they read early may change, so the logits must be bit-identical with PDL on and off."""
+GEMV, in_proj's split-K GEMV, the fused Mamba step, and the MoE block's route kernel and expert
+projections start while the kernel before them runs; nothing they read early may change, so the
+logits must be bit-identical with PDL on and off, and with each early launch on and off."""
 from __future__ import annotations
 
 import pytest
@@ -34,75 +35,51 @@ def test_pdl_changes_no_bit(monkeypatch) -> None:
         assert torch.equal(a, b), f"step {i}"
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_shared_expert_ahead_changes_no_bit(monkeypatch, batch: int) -> None:
-    """The expert up-projection launched behind the route kernel with PDL (its shared-expert programs run
-    before the routing is known, the routed ones wait for it): the same logits, bit for bit, as with an
-    ordinary launch, at every step of a captured decode (batch 2: the second row left-padded)."""
+# Each early launch (module, switch, what it moves, and the call that must happen with the switch on),
+# toggled alone. The tiny preset at bf16; in_proj on the split-K GEMV (the preload kernel would take its
+# power-of-two width), which signals the fused Mamba step.
+EARLY_SWITCHES = {
+    "shared_ahead": ("triton_experts", "SHARED_AHEAD", "the expert up-projection's shared part runs during "
+                     "the routing; the routed part waits for it", "_gemv"),
+    "down_early": ("triton_experts", "DOWN_EARLY", "the expert down-projection loads its first weight tile "
+                   "while the up-projection finishes", "_gemv"),
+    "route_pdl": ("triton_moe", "ROUTE_PDL", "the route kernel starts while the router's partial logits "
+                  "are computed", "route_triton"),
+    "mamba_early": ("triton_mamba_step", "EARLY", "the fused Mamba step loads its SSM state while in_proj "
+                    "runs", "mamba_step"),
+    "gemv_early": ("triton_gemv", "EARLY", "in_proj's split-K GEMV loads its first weight tile while the "
+                   "MoE combine before it runs", "gemv"),
+}
+
+
+@pytest.mark.parametrize("switch,batch", [(name, batch) for name in sorted(EARLY_SWITCHES) for batch in (1, 2)
+                                          if not (name == "gemv_early" and batch > 1)])  # (the GEMV takes one row)
+def test_early_launch_changes_no_bit(monkeypatch, switch: str, batch: int) -> None:
+    """A kernel launched with programmatic dependent launch so that it starts before the one ahead of it
+    ends (see EARLY_SWITCHES) reads early only what that kernel does not write, and stores only after
+    waiting: every step's logits of a captured decode are bit-identical with the switch on and off
+    (batch 2: the second row left-padded)."""
     pytest.importorskip("triton")
-    from nemotron_core.create import build_config, random_model
-    from nemotron_core.ops import triton_experts, triton_moe
+    import importlib
 
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs sm_90")
-    model = random_model(build_config("tiny"), torch.bfloat16, seed=1, device="cuda").eval()
-    ids = torch.randint(3, 1000, (batch, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    mask = torch.ones(batch, 20, dtype=torch.long, device="cuda")
-    mask[batch - 1, :batch - 1] = 0
-    launches = []
-    real = triton_experts._gemv
-    monkeypatch.setattr(triton_experts, "_gemv", lambda *a, **k: launches.append(k.get("pdl")) or real(*a, **k))
-    ahead = graph_decode_logits(model, ids, mask, 16)
-    assert True in launches, "no expert GEMV was launched with PDL"
-    monkeypatch.setattr(triton_experts, "SHARED_AHEAD", False)
-    launches.clear()
-    plain = graph_decode_logits(model, ids, mask, 16)
-    assert launches and True not in launches
-    assert triton_moe.PDL
-    for i, (a, b) in enumerate(zip(ahead, plain)):
-        assert torch.equal(a, b), f"step {i}"
-
-
-def test_route_launched_early_changes_no_bit(monkeypatch) -> None:
-    """The route kernel launched with PDL behind the router's partial-logit kernel (which signals it at its
-    start; route waits before reading): the same logits, bit for bit, as with ordinary launches."""
-    pytest.importorskip("triton")
-    from nemotron_core.create import build_config, random_model
-    from nemotron_core.ops import triton_moe
-
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs sm_90")
-    model = random_model(build_config("tiny"), torch.bfloat16, seed=2, device="cuda").eval()
-    ids = torch.randint(3, 1000, (1, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
-    mask = torch.ones(1, 20, dtype=torch.long, device="cuda")
-    calls = count_calls(monkeypatch, triton_moe, "route_triton")
-    early = graph_decode_logits(model, ids, mask, 16)
-    assert calls and triton_moe.pdl_launch(ids), "the route kernel was not launched with PDL"
-    monkeypatch.setattr(triton_moe, "ROUTE_PDL", False)
-    plain = graph_decode_logits(model, ids, mask, 16)
-    for i, (a, b) in enumerate(zip(early, plain)):
-        assert torch.equal(a, b), f"step {i}"
-
-
-def test_mamba_step_launched_early_changes_no_bit(monkeypatch) -> None:
-    """The fused Mamba step launched with PDL behind in_proj's split-K GEMV (which signals at its start):
-    it loads the SSM state before waiting, and the logits stay bit-identical to ordinary launches."""
-    pytest.importorskip("triton")
     from nemotron_core.create import build_config, random_model
     from nemotron_core.ops import triton_gemv, triton_mamba_step, triton_moe
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
-    model = random_model(build_config("tiny"), torch.bfloat16, seed=3, device="cuda").eval()
+    module_name, attr, _, entry = EARLY_SWITCHES[switch]
+    module = importlib.import_module(f"nemotron_core.ops.{module_name}")
+    model = random_model(build_config("tiny"), torch.bfloat16, seed=1, device="cuda").eval()
     model.model.backend.linear = "triton"
-    monkeypatch.setattr(triton_gemv, "PRELOAD", False)  # in_proj on the split-K kernel, which signals
+    monkeypatch.setattr(triton_gemv, "PRELOAD", False)
     monkeypatch.setattr(triton_mamba_step, "ENABLED", True)
-    ids = torch.randint(3, 1000, (1, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
-    mask = torch.ones(1, 20, dtype=torch.long, device="cuda")
-    calls = count_calls(monkeypatch, triton_mamba_step, "mamba_step")
+    ids = torch.randint(3, 1000, (batch, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    mask = torch.ones(batch, 20, dtype=torch.long, device="cuda")
+    mask[batch - 1, :batch - 1] = 0
+    calls = count_calls(monkeypatch, module, entry)
     early = graph_decode_logits(model, ids, mask, 16)
-    assert calls and triton_moe.pdl_launch(ids)
-    monkeypatch.setattr(triton_mamba_step, "EARLY", False)
+    assert calls and getattr(module, attr) and triton_moe.pdl_launch(ids), f"{entry} was not called"
+    monkeypatch.setattr(module, attr, False)
     plain = graph_decode_logits(model, ids, mask, 16)
     for i, (a, b) in enumerate(zip(early, plain)):
         assert torch.equal(a, b), f"step {i}"
