@@ -28,6 +28,11 @@ def compile_one(name: str, fn, sig: dict[str, str], consts: dict, warps: int = 4
     real launch gets it is best compiled with it. ``stages``: num_stages, where the launch sets it."""
     if isinstance(fn, triton.runtime.Autotuner):
         fn = fn.fn
+    # A constexpr left out would compile as None (its branches silently off): name every one.
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in consts]
+    if missing:
+        print(f"FAIL {name}: constexprs not given: {', '.join(missing)}")
+        return False
     signature = {k: ("constexpr" if k in consts else v) for k, v in sig.items()}
     attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned.split()}
     src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
