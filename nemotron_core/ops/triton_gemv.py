@@ -19,6 +19,10 @@ sm_90 it is launched with programmatic dependent launch, so a predecessor that s
 dependents early (the fused Mamba step, the attention combine) overlaps the weight stream; alone it
 is as fast as the split-K kernel (9.27 against 9.36 us on the H200, ``benchmarks/gpu_pdl.py``).
 
+Under PDL the split-K kernel also takes part: it signals its dependents at its start (the fused Mamba
+step behind in_proj loads its SSM state meanwhile), and it is itself launched early (``EARLY``),
+loading its first weight tile before waiting for the kernel ahead (the MoE combine before in_proj).
+
 ``gemv_reference`` is the plain-PyTorch definition. The kernel also runs under Triton's interpreter
 (CPU tests).
 """

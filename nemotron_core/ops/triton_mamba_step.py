@@ -14,6 +14,10 @@ is 2 MB per layer on the Nano shape). Here one launch does all three:
   sums in a fixed order (deterministic), normalises the group and writes the output. Only that
   program shifts the group's B/C conv state, after every program of the group has read it.
 
+Under programmatic dependent launch (sm_90) the kernel starts while in_proj's GEMV still runs: it
+loads its SSM state slice and the head's parameters, then waits for the GEMV, and stores nothing
+before that; it also lets out_proj's GEMV start loading its weights at once.
+
 Rounding follows the path it replaces: conv outputs round to the input dtype, the SSM state keeps its
 dtype, ``y`` rounds to the input dtype before the gate, the norm is in fp32 and rounds once.
 ``mamba_step_reference`` is the plain-PyTorch definition (the tests' reference); the kernel also runs
