@@ -1,7 +1,16 @@
 """Helpers shared by the GPU tests."""
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
+
+
+def triton_ops(name: str):
+    """The module ``nemotron_core.ops.<name>`` (a Triton kernel module); skips the test without triton."""
+    pytest.importorskip("triton")
+    return importlib.import_module(f"nemotron_core.ops.{name}")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

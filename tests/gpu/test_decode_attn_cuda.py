@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .common import check_switch_keeps_decode_logits, rel
+from .common import check_switch_keeps_decode_logits, rel, triton_ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -25,10 +25,7 @@ BF16_TOL = 1e-2
 
 
 def _ops():
-    pytest.importorskip("triton")
-    from nemotron_core.ops import triton_decode_attn
-
-    return triton_decode_attn
+    return triton_ops("triton_decode_attn")
 
 
 def _inputs(b: int, pos: int, seed: int):

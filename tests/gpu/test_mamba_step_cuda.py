@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import check_switch_keeps_decode_logits, count_calls, rel
+from .common import check_switch_keeps_decode_logits, count_calls, rel, triton_ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -15,10 +15,7 @@ D_INNER = H * P
 
 
 def _ops():
-    pytest.importorskip("triton")
-    from nemotron_core.ops import triton_mamba_step
-
-    return triton_mamba_step
+    return triton_ops("triton_mamba_step")
 
 
 def _inputs(bsz: int, seed: int = 0):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import count_calls, graph_decode_logits
+from .common import count_calls, graph_decode_logits, triton_ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -59,16 +59,13 @@ def test_early_launch_changes_no_bit(monkeypatch, switch: str, batch: int) -> No
     ends (see EARLY_SWITCHES) reads early only what that kernel does not write, and stores only after
     waiting: every step's logits of a captured decode are bit-identical with the switch on and off
     (batch 2: the second row left-padded)."""
-    pytest.importorskip("triton")
-    import importlib
-
+    module_name, attr, _, entry = EARLY_SWITCHES[switch]
+    module = triton_ops(module_name)
     from nemotron_core.create import build_config, random_model
     from nemotron_core.ops import triton_gemv, triton_mamba_step, triton_moe
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
-    module_name, attr, _, entry = EARLY_SWITCHES[switch]
-    module = importlib.import_module(f"nemotron_core.ops.{module_name}")
     model = random_model(build_config("tiny"), torch.bfloat16, seed=1, device="cuda").eval()
     model.model.backend.linear = "triton"
     monkeypatch.setattr(triton_gemv, "PRELOAD", False)

@@ -15,16 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from .common import triton_ops
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 ROWS, COLS = 49152, 1856
 
 
 def _ops():
-    pytest.importorskip("triton")
-    from nemotron_core.ops import triton_act
-
-    return triton_act
+    return triton_ops("triton_act")
 
 
 def _randn(shape, dtype: torch.dtype, seed: int) -> torch.Tensor:

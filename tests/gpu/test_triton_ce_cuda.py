@@ -20,6 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from .common import triton_ops
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 ROWS, VOCAB = 4096, 131072
@@ -27,10 +29,7 @@ IGNORE = -100
 
 
 def _ops():
-    pytest.importorskip("triton")
-    from nemotron_core.ops import triton_ce
-
-    return triton_ce
+    return triton_ops("triton_ce")
 
 
 def _logits(rows: int, vocab: int, seed: int, dtype: torch.dtype = torch.bfloat16, scale: float = 3.0) -> torch.Tensor:

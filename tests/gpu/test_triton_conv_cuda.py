@@ -15,6 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from .common import triton_ops
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 B, S, C, K = 1, 1000, 6144, 4
@@ -26,10 +28,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _ops():
-    pytest.importorskip("triton")
-    from nemotron_core.ops import triton_conv
-
-    return triton_conv
+    return triton_ops("triton_conv")
 
 
 def _inputs(dtype: torch.dtype, weight_dtype: torch.dtype, seed: int, s: int = S, strided: bool = False):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .common import rel
+from .common import rel, triton_ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -23,10 +23,7 @@ BF16_TOL = 1e-2
 
 
 def _need_triton():
-    pytest.importorskip("triton")
-    from nemotron_core.ops import triton_moe
-
-    return triton_moe
+    return triton_ops("triton_moe")
 
 
 @pytest.fixture(scope="module")
