@@ -330,9 +330,10 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
             raise ValueError(f"the shared expert {tuple(shared_up.shape)} / {tuple(shared_down.shape)} does not cut "
                              f"into experts of {tuple(up.shape[1:])} / {tuple(down.shape[1:])}")
     # The up projection may start during the route kernel before it (its shared parts need no ids).
-    pdl = SHARED_AHEAD and parts > 0 and triton_moe.pdl_launch(x)
+    sm90 = triton_moe.pdl_launch(x)
+    pdl = SHARED_AHEAD and parts > 0 and sm90
     # And the down projection may load its first weight tiles while the up projection finishes.
-    down_early = DOWN_EARLY and triton_moe.pdl_launch(x)
+    down_early = DOWN_EARLY and sm90
     h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok,
               shared_w=shared_up, parts=parts, split_rows=True, pdl=pdl, trigger=down_early)  # [slots, inter]
     y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok,

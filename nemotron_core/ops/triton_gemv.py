@@ -230,9 +230,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     part = torch.empty(splits, n, dtype=torch.float32, device=x.device)
     grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     launch = tuned[grid] if config is None else functools.partial(plain[grid], **config)
-    wait = EARLY and pdl_launch(x)
+    pdl = pdl_launch(x)
+    wait = EARLY and pdl
     launch(x, weight, res, out, part, _counters(x.device), n, k, weight.stride(0),
-           RELU2=relu2, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, TRIGGER=pdl_launch(x),
+           RELU2=relu2, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, TRIGGER=pdl,
            WAIT=wait, launch_pdl=wait)
     return out.view(*lead, n)
 

@@ -204,7 +204,8 @@ def mamba_step(zxbcdt: torch.Tensor, conv_state: torch.Tensor, conv_weight: torc
     gated = torch.empty(bsz, d_inner, dtype=torch.float32, device=zxbcdt.device)
     sq = torch.empty(bsz, heads * (p // block_p), dtype=torch.float32, device=zxbcdt.device)
     kernel = _kernel()
-    wait = EARLY and pdl_launch(zxbcdt)
+    pdl = pdl_launch(zxbcdt)
+    wait = EARLY and pdl
     kernel[(bsz, heads * (p // block_p))](
         zxbcdt, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, ssm_state, A, D,
         dt_bias, norm_weight, out, gated, sq, _counters(zxbcdt.device), float(dt_limit[0]), float(dt_limit[1]),
@@ -212,7 +213,7 @@ def mamba_step(zxbcdt: torch.Tensor, conv_state: torch.Tensor, conv_weight: torc
         conv_weight.stride(0), conv_weight.stride(1), ssm_state.stride(0), ssm_state.stride(1),
         ssm_state.stride(2), ssm_state.stride(3), out.stride(0),
         H=heads, G=n_groups, P=p, N=n, K=k, KP=_next_pow2(k), BLOCK_P=block_p, HAS_BIAS=conv_bias is not None,
-        TRIGGER=pdl_launch(zxbcdt), WAIT=wait, launch_pdl=wait, num_warps=4)
+        TRIGGER=pdl, WAIT=wait, launch_pdl=wait, num_warps=4)
     return out
 
 

@@ -247,14 +247,15 @@ def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: 
     if parts.stride(-1) != 1:
         parts = parts.contiguous()
     route, _, cdiv = _kernels()
-    wait = ROUTE_PDL and pdl_launch(logits)
+    pdl = pdl_launch(logits)
+    wait = ROUTE_PDL and pdl
     block_e = _next_pow2(n_exp)
     # A few tokens per program for small expert counts, so a program holds ~1k scores.
     block_t = min(_next_pow2(n), max(1, 1024 // block_e))
     route[(cdiv(n, block_t),)](
         parts, bias.contiguous(), idx, weights, n, n_exp, parts.stride(0), parts.stride(1), float(scaling),
         TOPK=top_k, NORM=bool(norm_topk_prob), PRECISE=not interpreting(), PARTS=parts.shape[0],
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k), WAIT=wait, TRIGGER=pdl_launch(logits),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(top_k), WAIT=wait, TRIGGER=pdl,
         launch_pdl=wait,
         # One token's row (a batch-1 decode step) in one warp: its 3 * top_k reductions are then warp
         # shuffles, with no shared-memory round trips and barriers between the warps.
