@@ -41,14 +41,6 @@ def _sorted_experts(model, on: bool) -> None:
     triton_sorted_experts.ENABLED = on
 
 
-def _sorted_flat(model, on: bool) -> None:
-    """The prompt's expert-sorted kernel as a flat list of (expert, chunk) tiles, against one program
-    per expert walking its chunks."""
-    from nemotron_core.ops import triton_sorted_experts
-
-    triton_sorted_experts.FLAT = on
-
-
 def _shared_ahead(model, on: bool) -> None:
     """The expert up-projection launched with PDL behind the route kernel (its shared-expert programs
     start during the routing), against an ordinary launch."""
@@ -122,7 +114,7 @@ def _pdl(model, on: bool) -> None:
 
 
 SWITCHES = {"pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step, "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm,
-            "sorted_experts": _sorted_experts, "sorted_flat": _sorted_flat,
+            "sorted_experts": _sorted_experts,
             "shared_ahead": _shared_ahead, "route_pdl": _route_pdl,
             "mamba_early": _mamba_early, "down_early": _down_early, "gemv_early": _gemv_early, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 

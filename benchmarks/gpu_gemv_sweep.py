@@ -50,8 +50,7 @@ def _prompt_routing(tokens: int, skew: float, g: torch.Generator) -> torch.Tenso
 
 def prompt_experts(results: dict, randn, up, down) -> None:
     """A prompt's routed experts (128 and 1024 tokens over all 128 experts, uniform and skewed routing):
-    torch's grouped GEMM path against the expert-sorted Triton kernels in both layouts (a flat list of
-    (expert, chunk) tiles, and one program per expert), whole ``*_experts`` calls."""
+    torch's grouped GEMM path against the expert-sorted Triton kernels, whole ``*_experts`` calls."""
     from nemotron_core.ops import triton_sorted_experts
     from nemotron_core.ops.experts import grouped_experts
 
@@ -62,14 +61,10 @@ def prompt_experts(results: dict, randn, up, down) -> None:
         idx = _prompt_routing(tokens, skew, g)
         w = torch.rand(tokens, TOPK, device="cuda", generator=g)
 
-        def sorted_call(flat: bool):
-            triton_sorted_experts.FLAT = flat
-            return graph_time_us(lambda: triton_sorted_experts.sorted_experts(x, idx, w, up, down), reps=3)
-
         with torch.no_grad():
             row = {"grouped_mm_us": graph_time_us(lambda: grouped_experts(x, idx, w, up, down), reps=3),
-                   "sorted_triton_us": sorted_call(True), "sorted_per_expert_us": sorted_call(False)}
-        triton_sorted_experts.FLAT = True
+                   "sorted_triton_us": graph_time_us(lambda: triton_sorted_experts.sorted_experts(x, idx, w, up, down),
+                                                     reps=3)}
         row.update({key.replace("_us", "_TBs"): round(nbytes / v / 1e6, 2) for key, v in list(row.items())})
         row["busiest_expert_slots"] = int(torch.bincount(idx.reshape(-1), minlength=E).max())
         results[f"prompt experts {tokens} tokens skew {skew}"] = row
@@ -129,10 +124,8 @@ def prompt_configs(results: dict, randn, up, down) -> None:
         idx = torch.rand(tokens, E, device="cuda", generator=g).argsort(-1)[:, :TOPK]
         order, counts = sort_by_expert(idx, E)
         h = randn(tokens * TOPK, INTER)
-        calls = {"up": lambda cfg: triton_sorted_experts._project(x, up, order, counts, TOPK, True, tokens,
-                                                                  config=cfg),
-                 "down": lambda cfg: triton_sorted_experts._project(h, down, order, counts, None, False,
-                                                                    tokens, config=cfg)}
+        calls = {"up": lambda cfg: triton_sorted_experts._project(x, up, order, counts, TOPK, True, config=cfg),
+                 "down": lambda cfg: triton_sorted_experts._project(h, down, order, counts, None, False, config=cfg)}
         for name, call in calls.items():
             rows = []
             for cfg in [None] + SORTED_CONFIGS:

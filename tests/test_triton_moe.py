@@ -390,21 +390,17 @@ def test_moe_decode_with_norms_equals_the_block_with_its_norms(monkeypatch) -> N
 
 
 # ---- a short prompt's experts, tokens sorted by expert ----------------------------------------------------
-@pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("n_tok,n_exp,k", [(37, 8, 2), (50, 4, 3), (45, 8, 2)])
 @pytest.mark.parametrize("with_shared", [False, True])
 @torch.no_grad()
-def test_sorted_experts_match_loop(n_tok: int, n_exp: int, k: int, with_shared: bool, flat: bool,
-                                   monkeypatch) -> None:
+def test_sorted_experts_match_loop(n_tok: int, n_exp: int, k: int, with_shared: bool) -> None:
     """The prompt path: every expert's slots in chunks of MG rows (50 tokens on 4 experts: about 38 slots
     an expert, 64-row chunks; 37 tokens on 8 experts: 16-row chunks, some experts empty or nearly; 45
     tokens on 8 experts, skewed: every token picks expert 5, so that expert has three 16-row chunks
-    and four others none), both
-    projections, in both layouts (a flat list of (expert, chunk) tiles, or one program per expert),
-    against the loop reference (fp32)."""
+    and four others none), both projections (each chunk its own program), against the loop reference
+    (fp32)."""
     from nemotron_core.ops import triton_sorted_experts
 
-    monkeypatch.setattr(triton_sorted_experts, "FLAT", flat)
     x, idx, w, up, down, shared = _experts(n_tok=n_tok, n_exp=n_exp, k=k, d_in=40, inter=24, seed=n_tok)
     if n_tok == 45:
         idx[:, 0] = 5

@@ -137,12 +137,12 @@ def main() -> int:
     sig = {**ptrs("x_ptr w_ptr out_ptr", "bf16"), **ptrs("order_ptr count_ptr", "i64"),
            **ints("N K E stride_xm stride_we stride_wn stride_om")}
     for bn, bk, warps in triton_sorted_experts._CONFIGS:
-        for mg, flat in ((16, True), (64, True), (64, False)):
+        for mg in (16, 64):
             for own_row in (False, True):
-                results.append(compile_one(f"expert_gemm_sorted {bn}x{bk}/{warps} MG={mg} flat={flat} own_row={own_row}",
+                results.append(compile_one(f"expert_gemm_sorted {bn}x{bk}/{warps} MG={mg} own_row={own_row}",
                                            sorted_gemm, sig,
                                            {"K": 2688, "ROW_DIV": 1 if own_row else 6, "OWN_ROW": own_row,
-                                            "RELU2": not own_row, "MG": mg, "E_P2": 128, "FLAT": flat, "CHUNKS": 0,
+                                            "RELU2": not own_row, "MG": mg, "E_P2": 128,
                                             "BLOCK_N": bn, "BLOCK_K": bk, "IEEE": False}, warps,
                                            aligned="x_ptr w_ptr out_ptr stride_xm stride_we stride_wn stride_om"))
 

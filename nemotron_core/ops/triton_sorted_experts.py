@@ -31,9 +31,6 @@ from .triton_moe import _next_pow2, combine_triton, interpreting, usable
 MAX_SLOTS = 8192
 # Whether the model's prompt path uses this (on CUDA, see modeling/moe.py): a switch for benchmarks.
 ENABLED = True
-# Whether a program serves one chunk of MG slots of one expert (a flat list of (expert, chunk) tiles)
-# rather than all of an expert's chunks in turn: a switch for benchmarks/gpu_ab.py.
-FLAT = True
 # (BLOCK_N, BLOCK_K, warps) the autotuner picks from per (N, K, MG).
 _CONFIGS = ((32, 128, 4), (64, 128, 4), (64, 64, 4), (128, 64, 8))
 INTERPRETER_CONFIG = 0
@@ -46,82 +43,57 @@ def _kernel():
     import triton.testing
 
     @triton.jit
-    def _gemm_chunk(x_ptr, w_base, order_ptr, out_ptr, start, count, c0, offs_n, N, K: tl.constexpr, stride_xm,
-                    stride_wn, stride_om, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr, RELU2: tl.constexpr,
-                    MG: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-        """Slots order[start + c0 : start + min(c0 + MG, count)] of one expert against its weight rows
-        ``offs_n``: slot s reads x row s // ROW_DIV (up projection) or its own row s (down projection:
-        the up output of that slot) and writes out row s."""
-        offs_m = tl.arange(0, MG)
-        live = c0 + offs_m < count
-        slot = tl.load(order_ptr + start + c0 + offs_m, mask=live, other=0).to(tl.int64)
-        rows = slot if OWN_ROW else slot // ROW_DIV
-        acc = tl.zeros((MG, offs_n.shape[0]), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xs = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
-                         mask=live[:, None] & (offs_k[None, :] < K), other=0.0)
-            w = tl.load(w_base + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                        mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
-            if IEEE:
-                acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xs, tl.trans(w), acc)
-        if RELU2:
-            acc = tl.maximum(acc, 0.0)
-            acc = acc * acc
-        tl.store(out_ptr + slot[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=live[:, None] & (offs_n[None, :] < N))
-
-    @triton.jit
     def expert_gemm_sorted(x_ptr, w_ptr, order_ptr, count_ptr, out_ptr, N, K: tl.constexpr, E, stride_xm,
                            stride_we, stride_wn, stride_om, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
-                           RELU2: tl.constexpr, MG: tl.constexpr, E_P2: tl.constexpr, FLAT: tl.constexpr,
-                           CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           IEEE: tl.constexpr):
-        # The order[] slots of expert e are order[start_e : start_e + count_e], start_e the sum of the
-        # counts before e: every program derives the starts from the E counts itself (a scan in
-        # registers), so the host needs no cumsum launches.
+                           RELU2: tl.constexpr, MG: tl.constexpr, E_P2: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        # Program t of axis 0 is tile t of the list (expert 0's chunks of MG slots, then expert 1's,
+        # ...): an expert with many slots spreads over as many programs, which run side by side
+        # (neighbours in launch order) and share its weight tiles through L2. Tiles past the list's
+        # end (the grid is sized for the worst case) return at once. The order[] slots of expert e are
+        # order[start_e : start_e + count_e], start_e the sum of the counts before e: every program
+        # derives its tile from the E counts itself (scans in registers), so the host needs no cumsum
+        # launches. Slot s reads x row s // ROW_DIV (up projection) or its own row s (down
+        # projection: the up output of that slot) and writes out row s.
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_e = tl.arange(0, E_P2)
         counts = tl.load(count_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int32)
-        starts = tl.cumsum(counts, axis=0) - counts
-        if FLAT:
-            # Program t of axis 0 is tile t of the list (expert 0's chunks of MG slots, then expert
-            # 1's, ...): an expert with many slots spreads over as many programs, which run side by
-            # side (neighbours in launch order) and share its weight tiles through L2. Tiles past the
-            # list's end (the grid is sized for the worst case) return at once.
-            chunks = (counts + MG - 1) // MG
-            ends = tl.cumsum(chunks, axis=0)
-            t = tl.program_id(0)
-            if t < tl.sum(chunks, axis=0):
-                e = tl.sum((ends <= t).to(tl.int32), axis=0)
-                mine = offs_e == e
-                c0 = (t - tl.sum(tl.where(mine, ends - chunks, 0), axis=0)) * MG
-                _gemm_chunk(x_ptr, w_ptr + e.to(tl.int64) * stride_we, order_ptr, out_ptr,
-                            tl.sum(tl.where(mine, starts, 0), axis=0), tl.sum(tl.where(mine, counts, 0), axis=0),
-                            c0, offs_n, N, K, stride_xm, stride_wn, stride_om, ROW_DIV, OWN_ROW, RELU2, MG,
-                            BLOCK_K, IEEE)
-        else:
-            # One program per expert walks its chunks one after another (the layout before the tile
-            # list, kept for benchmarks/gpu_ab.py): a heavily routed expert's program finishes last.
-            e = tl.program_id(0)
+        chunks = (counts + MG - 1) // MG
+        ends = tl.cumsum(chunks, axis=0)
+        t = tl.program_id(0)
+        if t < tl.sum(chunks, axis=0):
+            e = tl.sum((ends <= t).to(tl.int32), axis=0)
             mine = offs_e == e
-            start = tl.sum(tl.where(mine, starts, 0), axis=0)
+            c0 = (t - tl.sum(tl.where(mine, ends - chunks, 0), axis=0)) * MG
+            start = tl.sum(tl.where(mine, tl.cumsum(counts, axis=0) - counts, 0), axis=0)
             count = tl.sum(tl.where(mine, counts, 0), axis=0)
-            # Triton 3.6's interpreter cannot take a trip count loaded from memory: there (CHUNKS > 0)
-            # it runs CHUNKS chunks, masked.
-            for c0 in range(0, count if CHUNKS == 0 else CHUNKS * MG, MG):
-                _gemm_chunk(x_ptr, w_ptr + e.to(tl.int64) * stride_we, order_ptr, out_ptr, start, count, c0,
-                            offs_n, N, K, stride_xm, stride_wn, stride_om, ROW_DIV, OWN_ROW, RELU2, MG,
-                            BLOCK_K, IEEE)
+            w_base = w_ptr + e.to(tl.int64) * stride_we
+            offs_m = tl.arange(0, MG)
+            live = c0 + offs_m < count
+            slot = tl.load(order_ptr + start + c0 + offs_m, mask=live, other=0).to(tl.int64)
+            rows = slot if OWN_ROW else slot // ROW_DIV
+            acc = tl.zeros((MG, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                xs = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                             mask=live[:, None] & (offs_k[None, :] < K), other=0.0)
+                w = tl.load(w_base + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+                            mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
+                if IEEE:
+                    acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xs, tl.trans(w), acc)
+            if RELU2:
+                acc = tl.maximum(acc, 0.0)
+                acc = acc * acc
+            tl.store(out_ptr + slot[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=live[:, None] & (offs_n[None, :] < N))
 
-    globals().update(tl=tl, _gemm_chunk=_gemm_chunk)  # the interpreter resolves names here
     if interpreting():
         return expert_gemm_sorted, triton.cdiv
     tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in _CONFIGS],
-        key=["N", "K", "MG", "FLAT"],
+        key=["N", "K", "MG"],
         cache_results=True,
         do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=3, rep=20, quantiles=quantiles),
     )(expert_gemm_sorted)
@@ -137,7 +109,7 @@ def supported(x: torch.Tensor, idx: torch.Tensor, up: torch.Tensor, down: torch.
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, row_div: Optional[int],
-             relu2: bool, tokens: int, config: Optional[dict] = None) -> torch.Tensor:
+             relu2: bool, config: Optional[dict] = None) -> torch.Tensor:
     """One projection over the expert-sorted slots (``order``, and ``counts`` slots per expert);
     ``config`` (``BLOCK_N``, ``BLOCK_K``, ``num_warps``, optionally ``num_stages``) bypasses the
     autotuner (benchmarks/gpu_gemv_sweep.py)."""
@@ -145,8 +117,8 @@ def _project(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, counts: torc
     n_exp, n, k = w.shape
     out = torch.empty(slots, n, dtype=x.dtype, device=x.device)
     kernel, cdiv = _kernel()
-    # At most one slot per token and expert, so an expert has at most `tokens` slots: tiles of MG rows
-    # cover the usual few with one weight pass (16: tl.dot's minimum), more rows take larger tiles.
+    # Tiles of MG rows cover an expert's usual few slots with one weight pass (16: tl.dot's minimum);
+    # more slots per expert on average take larger tiles.
     mg = min(64, max(16, _next_pow2(-(-slots // n_exp))))
     interp = interpreting()
     extra = dict(config or {})
@@ -156,11 +128,11 @@ def _project(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, counts: torc
     if extra and not interp:
         kernel = kernel.fn  # the plain kernel under the autotuner
     # The tile list has at most one part-filled chunk per expert beyond the full ones.
-    tiles = n_exp + cdiv(slots, mg) if FLAT else n_exp
+    tiles = n_exp + cdiv(slots, mg)
     grid = lambda meta: (tiles, cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     kernel[grid](x, w, order, counts, out, n, k, n_exp, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
                  ROW_DIV=row_div or 1, OWN_ROW=row_div is None, RELU2=relu2, MG=mg, E_P2=_next_pow2(n_exp),
-                 FLAT=FLAT, CHUNKS=cdiv(tokens, mg) if interp else 0, IEEE=x.dtype == torch.float32, **extra)
+                 IEEE=x.dtype == torch.float32, **extra)
     return out
 
 
@@ -170,8 +142,8 @@ def sorted_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up
     slots sorted by expert (no host sync), two kernels for the projections, one combine."""
     from .experts import sort_by_expert
 
-    ntok, topk = idx.shape
+    topk = idx.shape[1]
     order, counts = sort_by_expert(idx, up.shape[0])
-    h = _project(x.contiguous(), up, order, counts, topk, True, ntok)  # [slots, inter], slot order
-    y = _project(h, down, order, counts, None, False, ntok)  # [slots, out], slot order
+    h = _project(x.contiguous(), up, order, counts, topk, True)  # [slots, inter], slot order
+    y = _project(h, down, order, counts, None, False)  # [slots, out], slot order
     return combine_triton(y, None, weights, shared, out_dtype=x.dtype)
