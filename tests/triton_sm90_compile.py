@@ -77,7 +77,7 @@ def main() -> int:
                **ints("stride_xb stride_sb stride_sc stride_sk stride_wc stride_wk stride_ob")}
         results.append(compile_one(f"conv_update {dt}", conv_update, sig, {"K": 4, "HAS_BIAS": True, "BLOCK_C": 256}, 2))
 
-    route, combine, _ = triton_moe._kernels()
+    route, combine, _, _ = triton_moe._kernels()
     sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "idx_ptr": "*i64", "w_ptr": "*fp32",
            **ints("N E stride_p stride_l"), "scaling": "fp32"}
     for parts in (1, 11):  # logits, or the decode router's partial sums
@@ -96,14 +96,16 @@ def main() -> int:
                                     "NEXT_NORM": norm, "TRIGGER": norm}, 8 if norm else 4))
 
     partials, _ = triton_router._partials_kernel()
-    sig = {**ptrs("x_ptr xn_ptr g_ptr", "bf16"), "w_ptr": "*fp32", "out_ptr": "*fp32",
-           **ints("M E K stride_xm stride_we stride_op stride_om stride_nm"), "eps": "fp32"}
+    sig = {**ptrs("x_ptr xn_ptr g_ptr", "bf16"), **ptrs("w_ptr out_ptr bias_ptr wt_ptr", "fp32"),
+           "idx_ptr": "*i64", "cnt_ptr": "*i32", **ints("M E K stride_xm stride_we stride_op stride_om stride_nm"),
+           "eps": "fp32", "scaling": "fp32"}
     for block_m, warps in ((1, 4), (8, 8)):
-        for norm in (False, True):
-            results.append(compile_one(f"router_partials rows={block_m} norm={norm}", partials, sig,
+        for norm, route in ((False, False), (True, False), (False, True), (True, True)):
+            results.append(compile_one(f"router_partials rows={block_m} norm={norm} route={route}", partials, sig,
                                        {"K": 2688, "BLOCK_M": block_m, "BLOCK_E": triton_router.SLICE_E,
                                         "BLOCK_K": triton_router.SLICE_K, "NORM": norm, "ROW_K": 1024 // block_m,
-                                        "TRIGGER": norm}, warps))
+                                        "TRIGGER": norm, "ROUTE": route, "TOPK": 6, "NORM_TOPK": True,
+                                        "PRECISE": True, "SLICES": 11, "ROUTE_E": 128, "ROUTE_K": 8}, warps))
     router, _ = triton_router._kernel()
     sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", **ints("M E K M_BUCKET stride_xm stride_we stride_om")}
     for bm, bn, warps in triton_router._CONFIGS:
@@ -119,19 +121,27 @@ def main() -> int:
     for config in triton_experts._CONFIGS:
         kinds.setdefault(config[3], config)
     for dt in ("bf16", "fp32"):
-        sig = {**ptrs("x_ptr w_ptr ws_ptr out_ptr", dt), "expert_ptr": "*i64",
-               **ints("N K S R E stride_xm stride_we stride_wn stride_sn part_off stride_om")}
+        sig = {**ptrs("x_ptr w_ptr ws_ptr out_ptr res_ptr fin_ptr g_ptr normed_ptr", dt), "expert_ptr": "*i64",
+               "wr_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32",
+               **ints("N K S R E stride_xm stride_we stride_wn stride_sn part_off stride_om T stride_r stride_f")}
         configs = kinds.values() if dt == "fp32" else triton_experts._CONFIGS
         for bn, bk, warps, grouped in configs:
-            for parts, own_row, relu2 in ((0, False, True), (0, True, False), (2, False, True), (2, True, False)):
+            # The down projection (own rows) with the fused combine, at batch 1 (the norm's row whole)
+            # and with PARTS=0 at batch 8 (the norm in chunks); without it, plain.
+            for parts, own_row, relu2, tokens in ((0, False, True, 1), (0, True, False, 8), (2, False, True, 1),
+                                                  (2, True, False, 1), (2, True, False, 0)):
+                combine = own_row and tokens > 0
                 consts = {"K": 2688, "BLOCK_N": bn, "BLOCK_K": bk, "ROW_DIV": 1 if own_row else 6,
                           "OWN_ROW": own_row, "PARTS": parts, "RELU2": relu2, "GROUPED": grouped, "S_P2": 64,
                           "MG": 16, "IEEE": dt == "fp32", "PDL": parts > 0 and not own_row,
-                          "TRIGGER": not own_row, "WAIT_X": own_row}
+                          "TRIGGER": not own_row or combine, "WAIT_X": own_row, "COMBINE": combine, "TOPK": 6,
+                          "HAS_RES": combine, "NEXT_NORM": combine, "NORM_H": 2688 if combine else 1,
+                          "NORM_CHUNK": 4096 if tokens == 1 else 512, "BLOCK_T": max(tokens, 1)}
                 if parts == 0:
                     consts["ws_ptr"] = None
                 results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} "
-                                           f"parts={parts} own_row={own_row} relu2={relu2}", gemv, sig, consts, warps))
+                                           f"parts={parts} own_row={own_row} relu2={relu2} combine={combine} "
+                                           f"tokens={tokens}", gemv, sig, consts, warps))
 
     sorted_gemm = triton_sorted_experts._kernel()[0]
     sig = {**ptrs("x_ptr w_ptr out_ptr", "bf16"), **ptrs("order_ptr count_ptr", "i64"),
