@@ -80,20 +80,13 @@ def _gemv_early(model, on: bool) -> None:
     triton_gemv.EARLY = on
 
 
-def _fused_route(model, on: bool) -> None:
-    """The router's partial-logit kernel routes its rows itself (its last program), against the route
-    kernel after it."""
-    from nemotron_core.ops import triton_router
-
-    triton_router.FUSED_ROUTE = on
-
-
 def _fused_combine(model, on: bool) -> None:
     """The expert down-projection's last programs combine the slots (and the residual, and the next
-    norm), against the combine kernel after it."""
+    norm), at every batch size, against the combine kernel after it."""
     from nemotron_core.ops import triton_experts
 
     triton_experts.FUSED_COMBINE = on
+    triton_experts.FUSED_COMBINE_TOKENS = triton_experts.MAX_SLOTS
 
 
 def _mamba_step(model, on: bool) -> None:
@@ -133,7 +126,7 @@ SWITCHES = {"pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step,
             "sorted_experts": _sorted_experts,
             "shared_ahead": _shared_ahead, "route_pdl": _route_pdl,
             "mamba_early": _mamba_early, "down_early": _down_early, "gemv_early": _gemv_early,
-            "fused_route": _fused_route, "fused_combine": _fused_combine, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
+            "fused_combine": _fused_combine, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 
 def main() -> None:

@@ -153,37 +153,6 @@ def test_router_partials_add_up_to_the_logits(n: int) -> None:
     assert torch.equal(idx, want_idx) and tiny.rel_err(want_w, wts) <= TOL
 
 
-@pytest.mark.parametrize("n", [1, 3, 9])
-@pytest.mark.parametrize("norm", [False, True])
-def test_router_kernel_routes_its_rows_itself(n: int, norm: bool, monkeypatch) -> None:
-    """``route_decode`` with ``FUSED_ROUTE``: the partial-logit kernel's last program per row block (9
-    rows: two blocks) routes, with the route kernel's arithmetic: the same ids, weights and normalised
-    rows as the two kernels, call after call (each counter is reset by the program that routes)."""
-    from nemotron_core.ops import triton_router
-
-    g = torch.Generator().manual_seed(n)
-    x = (torch.randn(n, 600, generator=g) * 3).bfloat16().to(DEVICE)
-    w = (torch.randn(40, 600, generator=g) * 0.05).to(DEVICE)
-    bias = (torch.randn(40, generator=g) * 0.05).to(DEVICE)
-    gain = (torch.rand(600, generator=g) + 0.5).bfloat16().to(DEVICE)
-    kw = {"norm": (gain, 1e-5)} if norm else {}
-    runs = {}
-    for fused in (False, True, True):
-        monkeypatch.setattr(triton_router, "FUSED_ROUTE", fused)
-        calls = []
-        real = triton_moe.route_triton
-        monkeypatch.setattr(triton_moe, "route_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-        runs.setdefault(fused, []).append(triton_router.route_decode(x, w, bias, 6, 2.5, True, **kw))
-        assert bool(calls) != fused
-    want = runs[False][0]
-    assert len(want) == (3 if norm else 2)
-    for got in runs[True]:
-        assert all(torch.equal(a, b) for a, b in zip(want, got))
-    logits = F.linear(F.rms_norm(x.float(), (600,), gain.float(), 1e-5).bfloat16().float() if norm else x.float(), w)
-    choice = logits.sigmoid() + bias
-    assert torch.equal(want[0].sort(-1).values, choice.topk(6, -1).indices.sort(-1).values)
-
-
 # ---- experts ----------------------------------------------------------------------------------------------
 @pytest.fixture(params=["per_slot", "grouped"])
 def gemv_variant(request, monkeypatch):
@@ -313,6 +282,7 @@ def test_down_projection_combines_and_normalises_itself(n_tok: int, d_in: int, g
     runs = {}
     for fused in (False, True, True):
         monkeypatch.setattr(triton_experts, "FUSED_COMBINE", fused)
+        monkeypatch.setattr(triton_experts, "FUSED_COMBINE_TOKENS", triton_experts.MAX_SLOTS)
         calls.clear()
         runs.setdefault(fused, []).append(triton_experts.gemv_experts(
             x, idx, w, up, down, residual, shared_mlp=(s_up, s_down), next_norm=(gain, 1e-5)))
@@ -325,6 +295,17 @@ def test_down_projection_combines_and_normalises_itself(n_tok: int, d_in: int, g
         assert tiny.rel_err(F.rms_norm(want, (d_in,), gain, 1e-5), normed) <= TOL
     shared_out = F.linear(F.relu(F.linear(x, s_up)).square(), s_down)
     assert tiny.rel_err(loop_experts(x, idx, w, up, down, residual + shared_out), want) <= TOL
+
+
+def test_down_projection_combines_at_one_token_by_default(monkeypatch) -> None:
+    """The measured policy: the fused combine for a batch-1 step, the combine kernel for more tokens."""
+    x, idx, w, up, down, residual = _experts(n_tok=3, n_exp=8, k=2, d_in=40, inter=24)
+    calls = []
+    real = triton_moe.combine_triton
+    monkeypatch.setattr(triton_experts, "combine_triton", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw))
+    for n in (1, 3):
+        triton_experts.gemv_experts(x[:n], idx[:n], w[:n], up, down, residual[:n])
+    assert calls == [3]
 
 
 def test_shared_parts_refuse_what_does_not_cut() -> None:

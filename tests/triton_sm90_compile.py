@@ -77,7 +77,7 @@ def main() -> int:
                **ints("stride_xb stride_sb stride_sc stride_sk stride_wc stride_wk stride_ob")}
         results.append(compile_one(f"conv_update {dt}", conv_update, sig, {"K": 4, "HAS_BIAS": True, "BLOCK_C": 256}, 2))
 
-    route, combine, _, _ = triton_moe._kernels()
+    route, combine, _ = triton_moe._kernels()
     sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "idx_ptr": "*i64", "w_ptr": "*fp32",
            **ints("N E stride_p stride_l"), "scaling": "fp32"}
     for parts in (1, 11):  # logits, or the decode router's partial sums
@@ -96,16 +96,14 @@ def main() -> int:
                                     "NEXT_NORM": norm, "TRIGGER": norm}, 8 if norm else 4))
 
     partials, _ = triton_router._partials_kernel()
-    sig = {**ptrs("x_ptr xn_ptr g_ptr", "bf16"), **ptrs("w_ptr out_ptr bias_ptr wt_ptr", "fp32"),
-           "idx_ptr": "*i64", "cnt_ptr": "*i32", **ints("M E K stride_xm stride_we stride_op stride_om stride_nm"),
-           "eps": "fp32", "scaling": "fp32"}
+    sig = {**ptrs("x_ptr xn_ptr g_ptr", "bf16"), "w_ptr": "*fp32", "out_ptr": "*fp32",
+           **ints("M E K stride_xm stride_we stride_op stride_om stride_nm"), "eps": "fp32"}
     for block_m, warps in ((1, 4), (8, 8)):
-        for norm, route in ((False, False), (True, False), (False, True), (True, True)):
-            results.append(compile_one(f"router_partials rows={block_m} norm={norm} route={route}", partials, sig,
+        for norm in (False, True):
+            results.append(compile_one(f"router_partials rows={block_m} norm={norm}", partials, sig,
                                        {"K": 2688, "BLOCK_M": block_m, "BLOCK_E": triton_router.SLICE_E,
                                         "BLOCK_K": triton_router.SLICE_K, "NORM": norm, "ROW_K": 1024 // block_m,
-                                        "TRIGGER": norm, "ROUTE": route, "TOPK": 6, "NORM_TOPK": True,
-                                        "PRECISE": True, "SLICES": 11, "ROUTE_E": 128, "ROUTE_K": 8}, warps))
+                                        "TRIGGER": norm}, warps))
     router, _ = triton_router._kernel()
     sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", **ints("M E K M_BUCKET stride_xm stride_we stride_om")}
     for bm, bn, warps in triton_router._CONFIGS:

@@ -35,8 +35,10 @@ class Router(nn.Module):
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward(rms_norm(x))`` with the norm folded into the logits kernel (``folds_norm`` inputs):
         (ids, weights, the normalised x that the experts take)."""
-        return triton_router.route_decode(x, self.weight, self.e_score_correction_bias, self.top_k, self.scaling,
-                                          self.norm_topk_prob, norm=(norm_weight, eps))
+        parts, normed = triton_router.router_partials(x, self.weight, norm=(norm_weight, eps))
+        idx, weights = triton_moe.route_triton(parts, self.e_score_correction_bias.float(), self.top_k, self.scaling,
+                                               self.norm_topk_prob)
+        return idx, weights, normed
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[N, H]`` -> (expert ids ``[N, k]``, fp32 weights ``[N, k]``)."""
@@ -49,8 +51,7 @@ class Router(nn.Module):
         if ours and x.shape[0] >= triton_router.MIN_ROWS:
             logits = triton_router.router_logits(x, self.weight)
         elif ours and x.shape[0] < triton_router.DECODE_ROWS:
-            return triton_router.route_decode(x, self.weight, self.e_score_correction_bias, self.top_k, self.scaling,
-                                              self.norm_topk_prob)
+            logits = triton_router.router_partials(x, self.weight)  # [slices, N, E]
         else:
             logits = F.linear(x.float(), self.weight.float())
         if fused:
@@ -176,17 +177,13 @@ class MoE(nn.Module):
                 or not triton_experts.shared_parts(experts.up_proj, experts.down_proj, *shared)
                 or not (experts.up_proj.stride(-1) == experts.down_proj.stride(-1) == 1)):
             return None
-        # The normalised x comes from the router's kernel, which may also route (then right before
-        # the experts' kernel, still writing x while that one starts).
-        pending = normed is None and triton_router.fuses_route(flat.shape[0])
         if normed is None:
             idx, weights, normed = self.gate.forward_normed(flat, norm.weight, norm.eps)
         else:
             normed = normed.reshape(flat.shape)
             idx, weights = self.gate(normed)
         out = triton_experts.gemv_experts(normed, idx, weights, experts.up_proj, experts.down_proj, flat, shared,
-                                          next_norm=None if next_norm is None else (next_norm.weight, next_norm.eps),
-                                          x_pending=pending)
+                                          next_norm=None if next_norm is None else (next_norm.weight, next_norm.eps))
         if next_norm is None:
             return out.view_as(x), None
         return out[0].view_as(x), out[1].view_as(x)

@@ -53,8 +53,11 @@ DOWN_EARLY = True
 # The weighted sum over a token's experts (and the residual, and the next block's RMSNorm) done by
 # the down projection's own programs rather than by a ``combine_triton`` launch after it: the last
 # program of each column block to finish adds up that block's slots, and the last column block the
-# norm (atomic counters, as in ``triton_gemv``). A switch for benchmarks.
+# norm (atomic counters, as in ``triton_gemv``). A switch for benchmarks; taken for at most
+# FUSED_COMBINE_TOKENS tokens. On the H200 (Nano shape, ``benchmarks/gpu_ab.py``) it gained 1.5% at
+# batch 1 and lost 1.9% at batch 8, where one program normalises eight rows after everything else.
 FUSED_COMBINE = True
+FUSED_COMBINE_TOKENS = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,9 +258,7 @@ def _kernel():
         # TRIGGER: let the next kernel (the down projection, WAIT_X) start, but only after this
         # program's wait (it reads the router's ids before its own wait). WAIT_X: that down
         # projection, launched with PDL: ids and the first weight tile first, then wait for the up
-        # projection before reading x; every store after the wait. PDL and WAIT_X (the up projection
-        # behind a router kernel that also wrote x): routed programs wait first, as under PDL; the
-        # shared parts' programs load their first weight tile, then wait before reading x.
+        # projection before reading x; every store after the wait.
         # COMBINE (the down projection, slot order): then also ``out = sum_j w[t, j] y[t k + j] +
         # shared parts + residual`` into fin_ptr (T tokens, TOPK slots each), and with NEXT_NORM its
         # RMSNorm (NORM_H wide) into normed_ptr; TRIGGER then signals the next kernel once this
@@ -438,8 +439,7 @@ def shared_parts(up: torch.Tensor, down: torch.Tensor, shared_up: torch.Tensor, 
 def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,
                  down: torch.Tensor, shared: Optional[torch.Tensor] = None,
                  shared_mlp: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 next_norm: Optional[tuple[torch.Tensor, float]] = None,
-                 x_pending: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                 next_norm: Optional[tuple[torch.Tensor, float]] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``sum_j weights[t, j] * expert_{idx[t, j]}(x[t]) (+ shared_expert(x[t])) (+ shared[t])``:
     two launches in all (three without ``FUSED_COMBINE``).
 
@@ -450,10 +450,7 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
     same two launches as the routed ones: at decode that saves the shared expert's own GEMVs, their
     split-K reductions and its activation kernel, and its weights stream at the expert GEMV's rate.
     Each part's output is rounded to ``x.dtype`` like a routed expert's before the fp32 sum.
-    ``next_norm``: see ``combine_triton`` (then returns ``(out, rms_norm(out))``). ``x_pending``:
-    the kernel right before wrote ``x`` (the router's kernel that normalises it and routes,
-    ``triton_router.route_decode``), so under PDL the shared expert's programs load their first
-    weight tile but wait before reading ``x``.
+    ``next_norm``: see ``combine_triton`` (then returns ``(out, rms_norm(out))``).
     """
     ntok, topk = idx.shape
     # The router's ids are contiguous, so this is a view (no launch); a strided [N, 1] slice is not.
@@ -470,9 +467,10 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
     pdl = SHARED_AHEAD and parts > 0 and sm90
     # And the down projection may load its first weight tiles while the up projection finishes.
     down_early = DOWN_EARLY and sm90
-    h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok, shared_w=shared_up,
-              parts=parts, split_rows=True, pdl=pdl, trigger=down_early, wait_x=pdl and x_pending)  # [slots, inter]
-    if not FUSED_COMBINE or triton_moe._next_pow2(down.shape[1]) // 16 >= _MAX_COUNTERS:
+    h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok,
+              shared_w=shared_up, parts=parts, split_rows=True, pdl=pdl, trigger=down_early)  # [slots, inter]
+    if (not FUSED_COMBINE or ntok > FUSED_COMBINE_TOKENS
+            or triton_moe._next_pow2(down.shape[1]) // 16 >= _MAX_COUNTERS):
         y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok,
                   shared_w=shared_down, parts=parts, split_rows=False, wait_x=down_early)  # [slots, out], slot order
         return combine_triton(y, None, weights, shared, out_dtype=x.dtype, shared_parts=parts, next_norm=next_norm)

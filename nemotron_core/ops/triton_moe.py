@@ -113,12 +113,18 @@ def _kernels():
     from triton.language.extra import libdevice
 
     @triton.jit
-    def route_rows(logits_ptr, bias_ptr, idx_ptr, w_ptr, N, E, stride_p, stride_l, scaling, offs_t,
-                   TOPK: tl.constexpr, NORM: tl.constexpr, PRECISE: tl.constexpr, PARTS: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, FROM_L2: tl.constexpr):
-        """The routing of rows ``offs_t`` (the body of ``moe_route``; also the router's partial-logit
-        kernel's last program, ``triton_router``, where FROM_L2 reads the logits that the other
-        programs wrote past this SM's L1)."""
+    def moe_route(logits_ptr, bias_ptr, idx_ptr, w_ptr, N, E, stride_p, stride_l, scaling,
+                  TOPK: tl.constexpr, NORM: tl.constexpr, PRECISE: tl.constexpr, PARTS: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, WAIT: tl.constexpr,
+                  TRIGGER: tl.constexpr):
+        # WAIT: launched with PDL; the logits come from the kernel before. Only then TRIGGER: the
+        # expert GEMV that then starts reads, before waiting, what that kernel wrote (the
+        # normalised x), so this kernel's own wait must come first.
+        if WAIT:
+            gdc_wait()
+        if TRIGGER:  # let the expert GEMV start its shared expert's part now (triton_experts)
+            gdc_launch_dependents()
+        offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         offs_e = tl.arange(0, BLOCK_E)
         offs_k = tl.arange(0, BLOCK_K)
         mask_t = offs_t < N
@@ -126,12 +132,8 @@ def _kernels():
         # The logits, or PARTS partial sums of them (over slices of K), added here in a fixed order.
         logit = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
         for p in tl.static_range(PARTS):
-            ptrs = logits_ptr + p * stride_p + offs_t[:, None] * stride_l + offs_e[None, :]
-            mask = mask_t[:, None] & valid_e[None, :]
-            if FROM_L2:
-                logit += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            else:
-                logit += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            logit += tl.load(logits_ptr + p * stride_p + offs_t[:, None] * stride_l + offs_e[None, :],
+                             mask=mask_t[:, None] & valid_e[None, :], other=0.0).to(tl.float32)
         # torch computes sigmoid as 1 / (1 + expf(-x)) with an IEEE exp and divide; doing the same
         # (rather than tl.sigmoid's approximate ex2 and division) keeps the chosen experts identical
         # to the torch router's whenever two scores are within a few ulps. The interpreter has no
@@ -169,22 +171,6 @@ def _kernels():
         mask_out = mask_t[:, None] & (offs_k[None, :] < TOPK)
         tl.store(idx_ptr + out, ids.to(tl.int64), mask=mask_out)
         tl.store(w_ptr + out, ws, mask=mask_out)
-
-    @triton.jit
-    def moe_route(logits_ptr, bias_ptr, idx_ptr, w_ptr, N, E, stride_p, stride_l, scaling,
-                  TOPK: tl.constexpr, NORM: tl.constexpr, PRECISE: tl.constexpr, PARTS: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, WAIT: tl.constexpr,
-                  TRIGGER: tl.constexpr):
-        # WAIT: launched with PDL; the logits come from the kernel before. Only then TRIGGER: the
-        # expert GEMV that then starts reads, before waiting, what that kernel wrote (the
-        # normalised x), so this kernel's own wait must come first.
-        if WAIT:
-            gdc_wait()
-        if TRIGGER:  # let the expert GEMV start its shared expert's part now (triton_experts)
-            gdc_launch_dependents()
-        offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        route_rows(logits_ptr, bias_ptr, idx_ptr, w_ptr, N, E, stride_p, stride_l, scaling, offs_t,
-                   TOPK, NORM, PRECISE, PARTS, BLOCK_T, BLOCK_E, BLOCK_K, False)
 
     @triton.jit
     def moe_combine(y_ptr, pos_ptr, w_ptr, shared_ptr, out_ptr, g_ptr, normed_ptr, N, H,
@@ -231,19 +217,8 @@ def _kernels():
 
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-    # (the interpreter's names)
-    globals().update(gdc_launch_dependents=gdc_launch_dependents, gdc_wait=gdc_wait, route_rows=route_rows,
-                     libdevice=libdevice)
-    return moe_route, moe_combine, triton.cdiv, route_rows
-
-
-def check_route(n_exp: int, bias: torch.Tensor, top_k: int) -> None:
-    """Raise ValueError unless the route kernel takes ``top_k`` of ``n_exp`` experts with this bias."""
-    if bias.shape != (n_exp,):
-        raise ValueError(f"bias must be [{n_exp}], got {tuple(bias.shape)}")
-    if not 1 <= top_k <= min(n_exp, MAX_TOP_K) or n_exp > MAX_EXPERTS:
-        raise ValueError(f"route_triton supports top_k <= {MAX_TOP_K} of at most {MAX_EXPERTS} experts "
-                         f"(got top_k={top_k}, {n_exp} experts)")
+    globals().update(gdc_launch_dependents=gdc_launch_dependents, gdc_wait=gdc_wait)  # (the interpreter's names)
+    return moe_route, moe_combine, triton.cdiv
 
 
 def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: float,
@@ -260,14 +235,18 @@ def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: 
         raise ValueError(f"logits must be [N, E] or [P, N, E], got {tuple(logits.shape)}")
     parts = logits if logits.dim() == 3 else logits[None]
     n, n_exp = logits.shape[-2:]
-    check_route(n_exp, bias, top_k)
+    if bias.shape != (n_exp,):
+        raise ValueError(f"bias must be [{n_exp}], got {tuple(bias.shape)}")
+    if not 1 <= top_k <= min(n_exp, MAX_TOP_K) or n_exp > MAX_EXPERTS:
+        raise ValueError(f"route_triton supports top_k <= {MAX_TOP_K} of at most {MAX_EXPERTS} experts "
+                         f"(got top_k={top_k}, {n_exp} experts)")
     idx = torch.empty(n, top_k, dtype=torch.int64, device=logits.device)
     weights = torch.empty(n, top_k, dtype=torch.float32, device=logits.device)
     if n == 0:
         return idx, weights
     if parts.stride(-1) != 1:
         parts = parts.contiguous()
-    route, _, cdiv, _ = _kernels()
+    route, _, cdiv = _kernels()
     pdl = pdl_launch(logits)
     wait = ROUTE_PDL and pdl
     block_e = _next_pow2(n_exp)
@@ -319,7 +298,7 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
         y = y.contiguous()
     if shared is not None and shared.stride(1) != 1:
         shared = shared.contiguous()
-    _, combine, cdiv, _ = _kernels()
+    _, combine, cdiv = _kernels()
     # ~4k fp32 accumulators per program (32 a thread at 4 warps); decode (N=1) gets one row of
     # 256-wide blocks, i.e. hidden / 256 programs.
     block_h = _next_pow2(h) if next_norm is not None else min(_next_pow2(h), 256)

@@ -45,9 +45,6 @@ INTERPRETER_CONFIG = 0
 
 # router_partials: K slice per program (one straight load, no loop) and experts per program.
 SLICE_K, SLICE_E = 256, 8
-# route_decode: the partial-logit kernel routes its rows itself (its last program per row block), so
-# no route kernel follows it. A switch for benchmarks.
-FUSED_ROUTE = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,19 +52,12 @@ def _partials_kernel():
     import triton
     import triton.language as tl
 
-    _, _, _, route_rows = triton_moe._kernels()
-
     @triton.jit
     def router_partials(x_ptr, w_ptr, out_ptr, g_ptr, xn_ptr, M, E, K: tl.constexpr, stride_xm, stride_we,
-                        stride_op, stride_om, stride_nm, eps, bias_ptr, idx_ptr, wt_ptr, cnt_ptr, scaling,
-                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-                        ROW_K: tl.constexpr, TRIGGER: tl.constexpr, ROUTE: tl.constexpr, TOPK: tl.constexpr,
-                        NORM_TOPK: tl.constexpr, PRECISE: tl.constexpr, SLICES: tl.constexpr,
-                        ROUTE_E: tl.constexpr, ROUTE_K: tl.constexpr):
+                        stride_op, stride_om, stride_nm, eps, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_K: tl.constexpr, NORM: tl.constexpr, ROW_K: tl.constexpr, TRIGGER: tl.constexpr):
         # K is a constexpr (one compile per hidden size): the norm's loop over K is unrolled.
-        # ROUTE: the last program of a row block to finish also routes its rows (``route_rows`` over
-        # the SLICES partial sums: ids and weights into idx_ptr / wt_ptr), so no route kernel follows.
-        if TRIGGER:  # the kernel behind may start now (it waits for this one before reading)
+        if TRIGGER:  # the route kernel may start now (it waits for this one before reading)
             gdc_launch_dependents()
         # Program (expert block, K slice, row block) writes partial sum number "slice" of its logits.
         k_slice = tl.program_id(1)
@@ -99,20 +89,10 @@ def _partials_kernel():
         part = tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BLOCK_M, BLOCK_E], a tree sum over the slice
         tl.store(out_ptr + k_slice * stride_op + offs_m[:, None] * stride_om + offs_e[None, :], part,
                  mask=(offs_m[:, None] < M) & (offs_e[None, :] < E))
-        if ROUTE:
-            # Every thread's partials stored before the counter moves (the atomic releases them at
-            # GPU scope); the program that finds all others done routes, and resets the counter.
-            tl.debug_barrier()
-            block = tl.program_id(2)
-            if tl.atomic_add(cnt_ptr + block, 1, sem="acq_rel") == tl.num_programs(0) * tl.num_programs(1) - 1:
-                tl.atomic_xchg(cnt_ptr + block, 0)
-                offs_t = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-                route_rows(out_ptr, bias_ptr, idx_ptr, wt_ptr, M, E, stride_op, stride_om, scaling, offs_t,
-                           TOPK, NORM_TOPK, PRECISE, SLICES, BLOCK_M, ROUTE_E, ROUTE_K, True)
 
     from triton.language.extra.cuda import gdc_launch_dependents
 
-    globals().update(gdc_launch_dependents=gdc_launch_dependents, route_rows=route_rows)  # (the interpreter's names)
+    globals().update(gdc_launch_dependents=gdc_launch_dependents)  # (the interpreter's names)
     return router_partials, triton.cdiv
 
 
@@ -197,22 +177,14 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _counters(device: torch.device) -> torch.Tensor:
-    # One per row block of a fused routing (``route_decode``); each reset by the program that routes.
-    return torch.zeros(DECODE_ROWS, dtype=torch.int32, device=device)
-
-
 def router_partials(x: torch.Tensor, weight: torch.Tensor,
-                    norm: tuple[torch.Tensor, float] | None = None, route: tuple | None = None
-                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                    norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x.float() @ weight.T`` as partial sums over slices of K, ``[ceil(K / SLICE_K), N, E]`` fp32, for
     ``triton_moe.route_triton`` to add up; for a few rows (a decode step) with ``supported`` inputs.
 
     With ``norm = (g, eps)`` the logits are those of ``rms_norm(x, g, eps)`` (rounded to x's dtype, as
     the norm would return it), and the normalised rows come back too: (partials, normalised x). That
-    saves the block's norm kernel at decode. ``route = (bias, top_k, scaling, norm_topk_prob, idx,
-    weights)``: the kernel also routes (``route_decode``), into ``idx`` and ``weights``."""
+    saves the block's norm kernel at decode."""
     _require_supported("router_partials", x, weight)
     n, k = x.shape
     e = weight.shape[0]
@@ -225,44 +197,10 @@ def router_partials(x: torch.Tensor, weight: torch.Tensor,
         if norm is not None and (g.shape != (k,) or g.stride(0) != 1):
             raise ValueError(f"the norm weight must be contiguous [{k}], got {tuple(g.shape)}")
         block_m = min(_next_pow2(n), 8)
-        if route is None:
-            bias, top_k, scaling, norm_topk, idx, wts = weight, 1, 1.0, False, out, out  # (never read)
-            trigger = triton_moe.ROUTE_PDL and pdl_launch(x)  # the route kernel behind may start
-        else:
-            bias, top_k, scaling, norm_topk, idx, wts = route
-            trigger = pdl_launch(x)  # the expert GEMV behind may start its shared expert's part
         kernel[(cdiv(e, SLICE_E), slices, cdiv(n, block_m))](
             x, weight, out, g, xn if xn is not None else x, n, e, k, x.stride(0), weight.stride(0), out.stride(0),
-            out.stride(1), xn.stride(0) if xn is not None else 0, float(eps), bias, idx, wts,
-            _counters(x.device), float(scaling),
+            out.stride(1), xn.stride(0) if xn is not None else 0, float(eps),
             BLOCK_M=block_m, BLOCK_E=SLICE_E, BLOCK_K=SLICE_K, NORM=norm is not None, ROW_K=1024 // block_m,
-            TRIGGER=trigger, ROUTE=route is not None, TOPK=top_k, NORM_TOPK=bool(norm_topk),
-            PRECISE=not interpreting(), SLICES=slices, ROUTE_E=_next_pow2(e), ROUTE_K=_next_pow2(top_k),
+            TRIGGER=triton_moe.ROUTE_PDL and pdl_launch(x),
             num_warps=8 if block_m >= 8 else 4)
     return out if norm is None else (out, xn)
-
-
-def fuses_route(rows: int) -> bool:
-    """Whether ``route_decode`` routes ``rows`` rows inside the partial-logit kernel."""
-    return FUSED_ROUTE and 0 < rows < DECODE_ROWS
-
-
-def route_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: float,
-                 norm_topk_prob: bool, norm: tuple[torch.Tensor, float] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode step's routing (``triton_moe.route_triton`` of the ``router_partials`` logits): ids
-    ``[N, k]`` and weights, and with ``norm`` the normalised rows as well. With ``FUSED_ROUTE`` the
-    partial-logit kernel's last program per row block routes, in the same launch; otherwise the route
-    kernel follows it."""
-    bias = bias.float().contiguous()
-    n, n_exp = x.shape[0], weight.shape[0]
-    if not fuses_route(n):
-        parts = router_partials(x, weight, norm=norm)
-        logits = parts[0] if norm is not None else parts
-        idx, wts = triton_moe.route_triton(logits, bias, top_k, scaling, norm_topk_prob)
-        return (idx, wts) if norm is None else (idx, wts, parts[1])
-    triton_moe.check_route(n_exp, bias, top_k)
-    idx = torch.empty(n, top_k, dtype=torch.int64, device=x.device)
-    wts = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
-    parts = router_partials(x, weight, norm=norm, route=(bias, top_k, scaling, norm_topk_prob, idx, wts))
-    return (idx, wts) if norm is None else (idx, wts, parts[1])
