@@ -80,15 +80,6 @@ def _gemv_early(model, on: bool) -> None:
     triton_gemv.EARLY = on
 
 
-def _fused_combine(model, on: bool) -> None:
-    """The expert down-projection's last programs combine the slots (and the residual, and the next
-    norm), at every batch size, against the combine kernel after it."""
-    from nemotron_core.ops import triton_experts
-
-    triton_experts.FUSED_COMBINE = on
-    triton_experts.FUSED_COMBINE_TOKENS = triton_experts.MAX_SLOTS
-
-
 def _mamba_step(model, on: bool) -> None:
     from nemotron_core.ops import triton_mamba_step
 
@@ -125,8 +116,7 @@ def _pdl(model, on: bool) -> None:
 SWITCHES = {"pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step, "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm,
             "sorted_experts": _sorted_experts,
             "shared_ahead": _shared_ahead, "route_pdl": _route_pdl,
-            "mamba_early": _mamba_early, "down_early": _down_early, "gemv_early": _gemv_early,
-            "fused_combine": _fused_combine, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
+            "mamba_early": _mamba_early, "down_early": _down_early, "gemv_early": _gemv_early, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 
 def main() -> None:

@@ -266,48 +266,6 @@ def test_gemv_experts_run_the_shared_expert_as_parts(n_tok: int, top_k: int, gem
     assert tiny.rel_err(loop_experts(x, idx, w, up, down, shared_out), no_residual) <= TOL
 
 
-@pytest.mark.parametrize("n_tok,d_in", [(1, 40), (3, 40), (9, 300)])
-def test_down_projection_combines_and_normalises_itself(n_tok: int, d_in: int, gemv_variant, monkeypatch) -> None:
-    """``FUSED_COMBINE``: the down projection's last programs add the slots up (routed, shared parts,
-    residual) and the last column block normalises the rows; the same numbers as the combine kernel
-    after it, over and over (the counters reset themselves). 9 tokens of 300: the norm in chunks."""
-    x, idx, w, up, down, residual = _experts(n_tok=n_tok, n_exp=8, k=2, d_in=d_in, inter=24, seed=d_in + n_tok)
-    g = torch.Generator().manual_seed(12)
-    s_up = (torch.randn(48, d_in, generator=g) / 4).to(DEVICE)
-    s_down = (torch.randn(d_in, 48, generator=g) / 4).to(DEVICE)
-    gain = (torch.rand(d_in, generator=g) + 0.5).to(DEVICE)
-    calls = []
-    real = triton_moe.combine_triton
-    monkeypatch.setattr(triton_experts, "combine_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    runs = {}
-    for fused in (False, True, True):
-        monkeypatch.setattr(triton_experts, "FUSED_COMBINE", fused)
-        monkeypatch.setattr(triton_experts, "FUSED_COMBINE_TOKENS", triton_experts.MAX_SLOTS)
-        calls.clear()
-        runs.setdefault(fused, []).append(triton_experts.gemv_experts(
-            x, idx, w, up, down, residual, shared_mlp=(s_up, s_down), next_norm=(gain, 1e-5)))
-        assert bool(calls) != fused
-        plain = triton_experts.gemv_experts(x, idx, w, up, down, residual, shared_mlp=(s_up, s_down))
-        assert torch.equal(plain, runs[fused][-1][0])
-    (want, want_normed), = runs[False]
-    for out, normed in runs[True]:
-        assert torch.equal(out, want)  # the same fp32 additions in the same order
-        assert tiny.rel_err(F.rms_norm(want, (d_in,), gain, 1e-5), normed) <= TOL
-    shared_out = F.linear(F.relu(F.linear(x, s_up)).square(), s_down)
-    assert tiny.rel_err(loop_experts(x, idx, w, up, down, residual + shared_out), want) <= TOL
-
-
-def test_down_projection_combines_at_one_token_by_default(monkeypatch) -> None:
-    """The measured policy: the fused combine for a batch-1 step, the combine kernel for more tokens."""
-    x, idx, w, up, down, residual = _experts(n_tok=3, n_exp=8, k=2, d_in=40, inter=24)
-    calls = []
-    real = triton_moe.combine_triton
-    monkeypatch.setattr(triton_experts, "combine_triton", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw))
-    for n in (1, 3):
-        triton_experts.gemv_experts(x[:n], idx[:n], w[:n], up, down, residual[:n])
-    assert calls == [3]
-
-
 def test_shared_parts_refuse_what_does_not_cut() -> None:
     _, _, _, up, down, _ = _experts(n_tok=1, n_exp=4, k=1, d_in=40, inter=24)
     s_up, s_down = torch.zeros(36, 40, device=DEVICE), torch.zeros(40, 36, device=DEVICE)  # 1.5 experts wide

@@ -119,27 +119,19 @@ def main() -> int:
     for config in triton_experts._CONFIGS:
         kinds.setdefault(config[3], config)
     for dt in ("bf16", "fp32"):
-        sig = {**ptrs("x_ptr w_ptr ws_ptr out_ptr res_ptr fin_ptr g_ptr normed_ptr", dt), "expert_ptr": "*i64",
-               "wr_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32",
-               **ints("N K S R E stride_xm stride_we stride_wn stride_sn part_off stride_om T stride_r stride_f")}
+        sig = {**ptrs("x_ptr w_ptr ws_ptr out_ptr", dt), "expert_ptr": "*i64",
+               **ints("N K S R E stride_xm stride_we stride_wn stride_sn part_off stride_om")}
         configs = kinds.values() if dt == "fp32" else triton_experts._CONFIGS
         for bn, bk, warps, grouped in configs:
-            # The down projection (own rows) with the fused combine, at batch 1 (the norm's row whole)
-            # and with PARTS=0 at batch 8 (the norm in chunks); without it, plain.
-            for parts, own_row, relu2, tokens in ((0, False, True, 1), (0, True, False, 8), (2, False, True, 1),
-                                                  (2, True, False, 1), (2, True, False, 0)):
-                combine = own_row and tokens > 0
+            for parts, own_row, relu2 in ((0, False, True), (0, True, False), (2, False, True), (2, True, False)):
                 consts = {"K": 2688, "BLOCK_N": bn, "BLOCK_K": bk, "ROW_DIV": 1 if own_row else 6,
                           "OWN_ROW": own_row, "PARTS": parts, "RELU2": relu2, "GROUPED": grouped, "S_P2": 64,
                           "MG": 16, "IEEE": dt == "fp32", "PDL": parts > 0 and not own_row,
-                          "TRIGGER": not own_row or combine, "WAIT_X": own_row, "COMBINE": combine, "TOPK": 6,
-                          "HAS_RES": combine, "NEXT_NORM": combine, "NORM_H": 2688 if combine else 1,
-                          "NORM_CHUNK": 4096 if tokens == 1 else 512, "BLOCK_T": max(tokens, 1)}
+                          "TRIGGER": not own_row, "WAIT_X": own_row}
                 if parts == 0:
                     consts["ws_ptr"] = None
                 results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} "
-                                           f"parts={parts} own_row={own_row} relu2={relu2} combine={combine} "
-                                           f"tokens={tokens}", gemv, sig, consts, warps))
+                                           f"parts={parts} own_row={own_row} relu2={relu2}", gemv, sig, consts, warps))
 
     sorted_gemm = triton_sorted_experts._kernel()[0]
     sig = {**ptrs("x_ptr w_ptr out_ptr", "bf16"), **ptrs("order_ptr count_ptr", "i64"),

@@ -3,15 +3,14 @@
 At decode time each MoE layer sees a few (token, expert) slots; a grouped GEMM then spends most of
 its time on scheduling 128 mostly-empty groups and on sorting. Here every program reads one
 slot's expert rows straight from the stacked weights, so the step is a single pass over exactly
-the weights the tokens use (memory-bound, as decode is) and needs no sort. The weighted sum over
-the k experts (plus, optionally, the shared expert, the residual and the next block's RMSNorm) is
-done by the down projection's last programs (``FUSED_COMBINE``), or by one ``combine_triton``
-launch after it. The reference is ``nemotron_core.ops.experts.loop_experts``.
+the weights the tokens use (memory-bound, as decode is) and needs no sort; the weighted sum over
+the k experts (plus, optionally, the shared expert) is one ``combine_triton`` launch. The reference
+is ``nemotron_core.ops.experts.loop_experts``.
 """
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
@@ -23,9 +22,6 @@ MAX_SLOTS = 64
 # A grouped tile finds its members through an [MG, S_P2] selection in registers (MG >= tokens rows,
 # S_P2 >= slots): above this many elements (e.g. 512 tokens: 512 x 4096) only plain tiles compile.
 MAX_GROUP_TILE = 8192
-# Counters of the fused combine: one per column block of the down projection (at least 16 columns
-# each) and one for the norm.
-_MAX_COUNTERS = 1 << 12
 
 
 # Configs (BLOCK_N, BLOCK_K, warps, GROUPED) the autotuner chooses from, per (N, K, slots); it caches
@@ -50,14 +46,6 @@ SHARED_AHEAD = True
 # On sm_90+: the down projection is launched with PDL behind the up projection, which signals it
 # once its router ids are known; it loads its first weight tile before waiting. A switch for benchmarks.
 DOWN_EARLY = True
-# The weighted sum over a token's experts (and the residual, and the next block's RMSNorm) done by
-# the down projection's own programs rather than by a ``combine_triton`` launch after it: the last
-# program of each column block to finish adds up that block's slots, and the last column block the
-# norm (atomic counters, as in ``triton_gemv``). A switch for benchmarks; taken for at most
-# FUSED_COMBINE_TOKENS tokens. On the H200 (Nano shape, ``benchmarks/gpu_ab.py``) it gained 1.5% at
-# batch 1 and lost 1.9% at batch 8, where one program normalises eight rows after everything else.
-FUSED_COMBINE = True
-FUSED_COMBINE_TOKENS = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,88 +151,12 @@ def _kernel():
                      acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _combine_tail(y_ptr, wr_ptr, res_ptr, fin_ptr, g_ptr, normed_ptr, cnt_ptr, N, S, R, T, stride_y,
-                      stride_r, stride_f, eps, pid_n, n_blocks, offs_n, TOPK: tl.constexpr, PARTS: tl.constexpr,
-                      HAS_RES: tl.constexpr, NEXT_NORM: tl.constexpr, NORM_H: tl.constexpr,
-                      NORM_CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-        """After the down projection's program stored its slot's columns ``offs_n``: the last of the S
-        programs of this column block to finish adds the block's slots up for every token (the
-        arithmetic of ``combine_triton``: fp32, routed slots in j order, then the shared parts, then
-        the residual, one rounding); with NEXT_NORM the last column block then normalises the rows.
-        Each counter is put back to 0 by the program that read it last (ready for the next call)."""
-        # Every thread's stores done before the counter moves (the atomic releases them at GPU scope).
-        tl.debug_barrier()
-        if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == S - 1:
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
-            offs_t = tl.arange(0, BLOCK_T)
-            mask_t = offs_t < T
-            mask = mask_t[:, None] & (offs_n[None, :] < N)
-            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(TOPK):
-                w = tl.load(wr_ptr + offs_t * TOPK + j, mask=mask_t, other=0.0)
-                # .cg: the other programs' rows, from L2 (this SM's L1 may hold stale lines)
-                y = tl.load(y_ptr + (offs_t * TOPK + j)[:, None].to(tl.int64) * stride_y + offs_n[None, :],
-                            mask=mask, other=0.0, cache_modifier=".cg")
-                acc += w[:, None] * y.to(tl.float32)
-            for p in tl.static_range(PARTS):
-                row = R + offs_t * PARTS + p
-                acc += tl.load(y_ptr + row[:, None].to(tl.int64) * stride_y + offs_n[None, :], mask=mask,
-                               other=0.0, cache_modifier=".cg").to(tl.float32)
-            if HAS_RES:
-                acc += tl.load(res_ptr + offs_t[:, None] * stride_r + offs_n[None, :], mask=mask,
-                               other=0.0).to(tl.float32)
-            tl.store(fin_ptr + offs_t[:, None] * stride_f + offs_n[None, :], acc.to(fin_ptr.dtype.element_ty),
-                     mask=mask)
-            if NEXT_NORM:
-                tl.debug_barrier()
-                if tl.atomic_add(cnt_ptr + n_blocks, 1, sem="acq_rel") == n_blocks - 1:
-                    tl.atomic_xchg(cnt_ptr + n_blocks, 0)
-                    _norm_rows(fin_ptr, g_ptr, normed_ptr, T, stride_f, eps, NORM_H, NORM_CHUNK, BLOCK_T)
-
-    @triton.jit
-    def _norm_rows(x_ptr, g_ptr, out_ptr, T, stride, eps, H: tl.constexpr, CHUNK: tl.constexpr,
-                   BLOCK_T: tl.constexpr):
-        """``out = rms_norm(x)`` for T rows of H (the next block's norm of the combined rows, as the
-        norm kernel computes it: x * rstd * g in fp32, rounded once), CHUNK columns at a time."""
-        offs_t = tl.arange(0, BLOCK_T)
-        mask_t = offs_t < T
-        if CHUNK >= H:  # the rows held whole (one token at decode): one read
-            offs_h = tl.arange(0, CHUNK)
-            mask = mask_t[:, None] & (offs_h[None, :] < H)
-            x = tl.load(x_ptr + offs_t[:, None] * stride + offs_h[None, :], mask=mask, other=0.0,
-                        cache_modifier=".cg").to(tl.float32)
-            rstd = 1 / tl.sqrt(tl.sum(x * x, axis=1) / H + eps)
-            g = tl.load(g_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offs_t[:, None] * stride + offs_h[None, :],
-                     (x * rstd[:, None] * g[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
-        else:  # the mean square first, then the scaling
-            squares = tl.zeros((BLOCK_T,), dtype=tl.float32)
-            for h0 in tl.static_range(0, H, CHUNK):
-                offs_h = h0 + tl.arange(0, CHUNK)
-                mask = mask_t[:, None] & (offs_h[None, :] < H)
-                x = tl.load(x_ptr + offs_t[:, None] * stride + offs_h[None, :], mask=mask, other=0.0,
-                            cache_modifier=".cg").to(tl.float32)
-                squares += tl.sum(x * x, axis=1)
-            rstd = 1 / tl.sqrt(squares / H + eps)
-            for h0 in tl.static_range(0, H, CHUNK):
-                offs_h = h0 + tl.arange(0, CHUNK)
-                mask = mask_t[:, None] & (offs_h[None, :] < H)
-                x = tl.load(x_ptr + offs_t[:, None] * stride + offs_h[None, :], mask=mask, other=0.0,
-                            cache_modifier=".cg").to(tl.float32)
-                g = tl.load(g_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-                tl.store(out_ptr + offs_t[:, None] * stride + offs_h[None, :],
-                         (x * rstd[:, None] * g[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
     def expert_gemv(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S, R, E,
                     stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om,
-                    wr_ptr, res_ptr, fin_ptr, g_ptr, normed_ptr, cnt_ptr, T, stride_r, stride_f, eps,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
                     PARTS: tl.constexpr, RELU2: tl.constexpr, GROUPED: tl.constexpr, S_P2: tl.constexpr,
                     MG: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr,
-                    WAIT_X: tl.constexpr, COMBINE: tl.constexpr, TOPK: tl.constexpr, HAS_RES: tl.constexpr,
-                    NEXT_NORM: tl.constexpr, NORM_H: tl.constexpr, NORM_CHUNK: tl.constexpr,
-                    BLOCK_T: tl.constexpr):
+                    WAIT_X: tl.constexpr):
         # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
         # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
         # Slot s < R = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
@@ -259,10 +171,6 @@ def _kernel():
         # program's wait (it reads the router's ids before its own wait). WAIT_X: that down
         # projection, launched with PDL: ids and the first weight tile first, then wait for the up
         # projection before reading x; every store after the wait.
-        # COMBINE (the down projection, slot order): then also ``out = sum_j w[t, j] y[t k + j] +
-        # shared parts + residual`` into fin_ptr (T tokens, TOPK slots each), and with NEXT_NORM its
-        # RMSNorm (NORM_H wide) into normed_ptr; TRIGGER then signals the next kernel once this
-        # program's product is stored (``_combine_tail``).
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
         if PDL:
@@ -270,46 +178,40 @@ def _kernel():
                 gdc_wait()
                 if TRIGGER:
                     gdc_launch_dependents()
-        elif TRIGGER and not COMBINE:
+        elif TRIGGER:
             gdc_launch_dependents()
         e = _expert_of(slot, slot < S, expert_ptr, R, E, PARTS)  # int64 router ids, or int32
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if GROUPED:
             _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, N, K, S, R, E, stride_xm, stride_we,
                            stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n, BLOCK_N, BLOCK_K,
-                           ROW_DIV, OWN_ROW, PARTS, RELU2, S_P2, MG, IEEE, PDL, TRIGGER and not COMBINE, WAIT_X)
-        else:
-            row = _row_of(slot, R, ROW_DIV, PARTS, OWN_ROW).to(tl.int64)
-            w_base, w_row = _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS)
-            if WAIT_X:
-                gdc_wait()
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-                w = tl.load(w_base + offs_n[:, None] * w_row + offs_k[None, :],
-                            mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-                acc += tl.sum(w * x[None, :], axis=1)
-            if RELU2:
-                acc = tl.maximum(acc, 0.0)
-                acc = acc * acc
-            if PDL:
-                gdc_wait()
-                if TRIGGER and not COMBINE:
-                    if slot >= R:
-                        gdc_launch_dependents()
-            tl.store(out_ptr + slot * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
-        if COMBINE:
-            if TRIGGER:  # the next block's projection may start now (it waits for this kernel's end)
-                gdc_launch_dependents()
-            _combine_tail(out_ptr, wr_ptr, res_ptr, fin_ptr, g_ptr, normed_ptr, cnt_ptr, N, S, R, T,
-                          stride_om, stride_r, stride_f, eps, pid_n, tl.num_programs(1), offs_n,
-                          TOPK, PARTS, HAS_RES, NEXT_NORM, NORM_H, NORM_CHUNK, BLOCK_T, BLOCK_N)
+                           ROW_DIV, OWN_ROW, PARTS, RELU2, S_P2, MG, IEEE, PDL, TRIGGER, WAIT_X)
+            return
+        row = _row_of(slot, R, ROW_DIV, PARTS, OWN_ROW).to(tl.int64)
+        w_base, w_row = _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS)
+        if WAIT_X:
+            gdc_wait()
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            w = tl.load(w_base + offs_n[:, None] * w_row + offs_k[None, :],
+                        mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        if RELU2:
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        if PDL:
+            gdc_wait()
+            if TRIGGER:
+                if slot >= R:
+                    gdc_launch_dependents()
+        tl.store(out_ptr + slot * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     globals().update(tl=tl, _grouped_slots=_grouped_slots, _expert_of=_expert_of, _row_of=_row_of,
-                     _weights_of=_weights_of, _combine_tail=_combine_tail, _norm_rows=_norm_rows, gdc_wait=gdc_wait,
+                     _weights_of=_weights_of, gdc_wait=gdc_wait,
                      gdc_launch_dependents=gdc_launch_dependents)  # the interpreter resolves names here
 
     def tuned(choices):
@@ -332,27 +234,10 @@ def _kernel():
     return experts, plain, triton.cdiv
 
 
-class _Combine(NamedTuple):
-    """What the down projection needs to finish the block itself (``FUSED_COMBINE``): the routing
-    weights ``[T, k]``, the residual ``[T, out]`` or None, the result ``[T, out]``, and the next
-    block's norm ``(g, eps)`` with its result, or None."""
-    weights: torch.Tensor
-    residual: Optional[torch.Tensor]
-    out: torch.Tensor
-    norm: Optional[tuple[torch.Tensor, float]]
-    normed: Optional[torch.Tensor]
-
-
-@functools.lru_cache(maxsize=None)
-def _counters(device: torch.device) -> torch.Tensor:
-    # Zeroed once; each call's last programs put their counters back to 0 (see ``_combine_tail``).
-    return torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
-
-
 def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int | None, relu2: bool,
           tokens: int = 1, shared_w: torch.Tensor | None = None, parts: int = 0,
           split_rows: bool = True, config: dict | None = None, pdl: bool = False, trigger: bool = False,
-          wait_x: bool = False, combine: _Combine | None = None) -> torch.Tensor:
+          wait_x: bool = False) -> torch.Tensor:
     """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (``x[s]`` when ``row_div`` is None),
     relu2'd if asked.
 
@@ -362,8 +247,7 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int 
     ``config`` (``BLOCK_N``, ``BLOCK_K``, ``GROUPED``, ``num_warps``, ``num_stages``) bypasses the
     autotuner (``benchmarks/gpu_gemv_sweep.py`` times candidates this way). ``pdl``, ``trigger``,
     ``wait_x``: the up projection behind the route kernel, and the down projection behind it, under
-    programmatic dependent launch (see ``expert_gemv``; sm_90+, compiled). ``combine``: the down
-    projection (slot order) also combines the slots into ``combine.out`` (``FUSED_COMBINE``).
+    programmatic dependent launch (see ``expert_gemv``; sm_90+, compiled).
     """
     experts_kernel, plain_kernel, cdiv = _kernel()
     n, k = w.shape[1], w.shape[2]
@@ -382,27 +266,10 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int 
     # A group holds at most one slot per token (a token's experts are distinct, and so are its shared
     # parts): MG >= tokens rows cover it (tl.dot wants at least 16).
     launch = kernel[grid] if config is None else functools.partial(kernel.fn[grid], **config)
-    if combine is None:
-        fused = (out,) * 6 + (0, 0, 0, 0.0)  # never read
-        block_t = chunk = 1
-    else:
-        c = combine
-        res = c.residual if c.residual is not None else c.out
-        g, eps = c.norm if c.norm is not None else (c.weights, 0.0)
-        fused = (c.weights, res, c.out, g, c.normed if c.normed is not None else c.out, _counters(x.device),
-                 tokens, res.stride(0), c.out.stride(0), float(eps))
-        block_t = triton_moe._next_pow2(tokens)
-        # The norm's rows whole in one read for a token or two, else in chunks of ~4k values.
-        chunk = min(triton_moe._next_pow2(n), max(256, 4096 // block_t))
     launch(x, w, shared_w, experts, out, n, k, rows, routed, w.shape[0],
-           x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off, out.stride(0), *fused,
+           x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off, out.stride(0),
            ROW_DIV=row_div or 1, OWN_ROW=row_div is None, PARTS=parts, RELU2=relu2, S_P2=s_p2, MG=mg,
-           IEEE=x.dtype == torch.float32, PDL=pdl, TRIGGER=trigger, WAIT_X=wait_x, COMBINE=combine is not None,
-           TOPK=combine.weights.shape[1] if combine is not None else 1,
-           HAS_RES=combine is not None and combine.residual is not None,
-           NEXT_NORM=combine is not None and combine.norm is not None,
-           NORM_H=n if combine is not None and combine.norm is not None else 1, NORM_CHUNK=chunk, BLOCK_T=block_t,
-           launch_pdl=pdl or wait_x)
+           IEEE=x.dtype == torch.float32, PDL=pdl, TRIGGER=trigger, WAIT_X=wait_x, launch_pdl=pdl or wait_x)
     return out
 
 
@@ -441,7 +308,7 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
                  shared_mlp: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                  next_norm: Optional[tuple[torch.Tensor, float]] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``sum_j weights[t, j] * expert_{idx[t, j]}(x[t]) (+ shared_expert(x[t])) (+ shared[t])``:
-    two launches in all (three without ``FUSED_COMBINE``).
+    three launches in all.
 
     ``idx`` may be the router's int64 ids as they are; ``shared`` (``[N, out]``, optional) is added
     in fp32 before the one rounding to ``x.dtype``, as in ``loop_experts``. ``shared_mlp``: the
@@ -469,23 +336,6 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
     down_early = DOWN_EARLY and sm90
     h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok,
               shared_w=shared_up, parts=parts, split_rows=True, pdl=pdl, trigger=down_early)  # [slots, inter]
-    if (not FUSED_COMBINE or ntok > FUSED_COMBINE_TOKENS
-            or triton_moe._next_pow2(down.shape[1]) // 16 >= _MAX_COUNTERS):
-        y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok,
-                  shared_w=shared_down, parts=parts, split_rows=False, wait_x=down_early)  # [slots, out], slot order
-        return combine_triton(y, None, weights, shared, out_dtype=x.dtype, shared_parts=parts, next_norm=next_norm)
-    d_out = down.shape[1]
-    if shared is not None:
-        if shared.shape != (ntok, d_out):
-            raise ValueError(f"shared must be [{ntok}, {d_out}], got {tuple(shared.shape)}")
-        shared = shared if shared.stride(1) == 1 else shared.contiguous()
-    if next_norm is not None and (next_norm[0].shape != (d_out,) or next_norm[0].stride(0) != 1):
-        raise ValueError(f"the norm weight must be contiguous [{d_out}], got {tuple(next_norm[0].shape)}")
-    out = torch.empty(ntok, d_out, dtype=x.dtype, device=x.device)
-    normed = torch.empty_like(out) if next_norm is not None else None
-    # The next block's projection may start once every program's product is stored (as it did
-    # behind the combine kernel, which signalled at its start).
-    _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok, shared_w=shared_down, parts=parts,
-          split_rows=False, wait_x=down_early, trigger=sm90,
-          combine=_Combine(weights.contiguous(), shared, out, next_norm, normed))
-    return out if normed is None else (out, normed)
+    y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok,
+              shared_w=shared_down, parts=parts, split_rows=False, wait_x=down_early)  # [slots, out], slot order
+    return combine_triton(y, None, weights, shared, out_dtype=x.dtype, shared_parts=parts, next_norm=next_norm)

@@ -250,32 +250,3 @@ def test_sorted_experts_match_loop_at_prompt_sizes(experts, n: int, skewed: bool
         grouped = grouped_experts(x, idx, w, up, down, shared)
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     assert rel(got, want) <= max(2 * rel(grouped, want), BF16_TOL / 4)
-
-
-# ---- the down projection that finishes the block itself ------------------------------------------
-@pytest.mark.parametrize("n", [1, 2, 8])
-def test_down_projection_combines_like_the_combine_kernel(experts, n: int, monkeypatch) -> None:
-    """``FUSED_COMBINE`` at the Nano shape (shared expert as two parts, residual, next block's norm):
-    the block's output bit for bit as with the combine kernel (the same fp32 sums in the same order),
-    and its RMSNorm within a bf16 rounding of torch's (the mean square is summed in another order)."""
-    _need_triton()
-    from nemotron_core.ops import triton_experts
-
-    up, down = experts
-    x, idx, w, residual = _tokens(n, seed=70 + n)
-    g = torch.Generator(device="cuda").manual_seed(n)
-    s_up = (torch.randn(2 * INTER, HIDDEN, device="cuda", generator=g) * 0.02).bfloat16()
-    s_down = (torch.randn(HIDDEN, 2 * INTER, device="cuda", generator=g) * 0.02).bfloat16()
-    gain = (torch.rand(HIDDEN, device="cuda", generator=g) + 0.5).bfloat16()
-    runs = []
-    for fused in (False, True, True):
-        monkeypatch.setattr(triton_experts, "FUSED_COMBINE", fused)
-        monkeypatch.setattr(triton_experts, "FUSED_COMBINE_TOKENS", triton_experts.MAX_SLOTS)
-        runs.append(triton_experts.gemv_experts(x, idx, w, up, down, residual, shared_mlp=(s_up, s_down),
-                                                next_norm=(gain, 1e-5)))
-    want, _ = runs[0]
-    norm = F.rms_norm(want.float(), (HIDDEN,), gain.float(), 1e-5)
-    for out, normed in runs[1:]:
-        assert torch.equal(out, want)
-        spacing = torch.finfo(torch.bfloat16).eps * norm.abs().clamp_min(1e-6)
-        assert ((normed.float() - norm).abs() / spacing).max().item() <= 1.0
