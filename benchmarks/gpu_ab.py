@@ -80,21 +80,6 @@ def _gemv_early(model, on: bool) -> None:
     triton_gemv.EARLY = on
 
 
-def _combine_early(model, on: bool) -> None:
-    """The MoE combine launched with PDL behind the expert down-projection (which signals at its start),
-    against an ordinary launch."""
-    from nemotron_core.ops import triton_moe
-
-    triton_moe.COMBINE_EARLY = on
-
-
-def _attn_combine_early(model, on: bool) -> None:
-    """The attention combine launched with PDL behind the partial kernel, against an ordinary launch."""
-    from nemotron_core.ops import triton_decode_attn
-
-    triton_decode_attn.EARLY_COMBINE = on
-
-
 def _route_rows(model, on: bool) -> None:
     """A decode step's route kernel with one row (token) a program, against ~1k scores a program (one
     program for batch 8)."""
@@ -140,7 +125,7 @@ SWITCHES = {"pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step,
             "sorted_experts": _sorted_experts,
             "shared_ahead": _shared_ahead, "route_pdl": _route_pdl,
             "mamba_early": _mamba_early, "down_early": _down_early, "gemv_early": _gemv_early,
-            "combine_early": _combine_early, "attn_combine_early": _attn_combine_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
+            "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 
 def main() -> None:

@@ -93,7 +93,7 @@ def main() -> int:
                                    combine, sig,
                                    {"TOPK": 6, "IMPLICIT_POS": implicit, "HAS_SHARED": shared, "PARTS": parts,
                                     "BLOCK_T": 1 if norm else 16, "BLOCK_H": 4096 if norm else 256,
-                                    "NEXT_NORM": norm, "TRIGGER": norm, "WAIT": parts > 0}, 8 if norm else 4))
+                                    "NEXT_NORM": norm, "TRIGGER": norm}, 8 if norm else 4))
 
     partials, _ = triton_router._partials_kernel()
     sig = {**ptrs("x_ptr xn_ptr g_ptr", "bf16"), "w_ptr": "*fp32", "out_ptr": "*fp32",
@@ -197,8 +197,7 @@ def main() -> int:
                **ints("HKV L stride_qb stride_qh stride_kb stride_kh stride_vb stride_vh stride_cb stride_ch "
                       "stride_cl stride_mb"), "qk_scale": "fp32"}
         consts = {"G": g, "G_PAD": max(16, g), "D": d, "SPLITS": splits, "CHUNK": chunk,
-                  "BLOCK": triton_decode_attn._block(d, elem), "IEEE": dt == "fp32", "INTERPRET": False,
-                  "TRIGGER": batch == 1}
+                  "BLOCK": triton_decode_attn._block(d, elem), "IEEE": dt == "fp32", "INTERPRET": False}
         results.append(compile_one(f"decode_attn_partial {dt} G={g} D={d} chunk={chunk}", partial, sig, consts,
                                    aligned="q_ptr kn_ptr vn_ptr kc_ptr vc_ptr m_ptr l_ptr o_ptr valid_ptr stride_kb "
                                            "stride_vb stride_cb stride_ch stride_cl stride_mb",
@@ -207,7 +206,7 @@ def main() -> int:
         sig = {**ptrs("m_ptr l_ptr o_ptr", "fp32"), "out_ptr": f"*{dt}"}
         results.append(compile_one(f"decode_attn_combine {dt} splits={splits}", combine, sig,
                                    {"SPLITS": splits, "D": 128, "BLOCK_S": min(16, triton_moe._next_pow2(splits)),
-                                    "TRIGGER": dt == "bf16", "WAIT": splits == 64}, 2))
+                                    "TRIGGER": dt == "bf16"}, 2))
     step = triton_mamba_step._kernel()
     for dt, block_p in (("bf16", 32), ("bf16", 64), ("fp32", 64)):
         sig = {**ptrs("zx_ptr cst_ptr cw_ptr cb_ptr", dt), **ptrs("sst_ptr A_ptr D_ptr dtb_ptr", "fp32"),

@@ -35,9 +35,6 @@ from .triton_moe import _next_pow2, interpreting, pdl_launch, usable
 # Whether the model's decode step uses these kernels (on CUDA, see modeling/attention.py): a global
 # switch, so a benchmark can measure with and without.
 ENABLED = True
-# Under PDL: the combine kernel is launched to start while the partial kernel runs (which signals it at
-# its start); it waits for it before reading. A switch for benchmarks.
-EARLY_COMBINE = True
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Positions per block of the inner loop (at most; see _block), and the smallest chunk: a chunk
 # is at least one block.
@@ -56,7 +53,7 @@ _LOG2E = 1.0 / math.log(2.0)
 def _kernels():
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.language.extra.cuda import gdc_launch_dependents
 
     @triton.jit
     def decode_attn_partial(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, valid_ptr, m_ptr, l_ptr, o_ptr,
@@ -64,9 +61,7 @@ def _kernels():
                             stride_cb, stride_ch, stride_cl, stride_mb, qk_scale,
                             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                             CHUNK: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
-                            INTERPRET: tl.constexpr, TRIGGER: tl.constexpr):
-        if TRIGGER:  # the combine kernel may start now (it waits for this one before reading)
-            gdc_launch_dependents()
+                            INTERPRET: tl.constexpr):
         row = tl.program_id(0)  # b * HKV + kv head
         split = tl.program_id(1)
         b = (row // HKV).to(tl.int64)
@@ -147,11 +142,9 @@ def _kernels():
 
     @triton.jit
     def decode_attn_combine(m_ptr, l_ptr, o_ptr, out_ptr, SPLITS: tl.constexpr, D: tl.constexpr,
-                            BLOCK_S: tl.constexpr, TRIGGER: tl.constexpr, WAIT: tl.constexpr):
+                            BLOCK_S: tl.constexpr, TRIGGER: tl.constexpr):
         if TRIGGER:  # let the next kernel (o_proj's GEMV) start loading its weights now
             gdc_launch_dependents()
-        if WAIT:  # launched with PDL behind the partial kernel: nothing is read before this
-            gdc_wait()
         row = tl.program_id(0).to(tl.int64)  # b * HQ + query head
         offs_d = tl.arange(0, D)
         m_run = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
@@ -182,7 +175,7 @@ def _kernels():
         out = tl.where(l_run > 0.0, acc / tl.maximum(l_run, 1e-30), 0.0)
         tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
-    globals().update(gdc_launch_dependents=gdc_launch_dependents, gdc_wait=gdc_wait)  # (the interpreter's names)
+    globals().update(gdc_launch_dependents=gdc_launch_dependents)  # (the interpreter's names)
     return decode_attn_partial, decode_attn_combine
 
 
@@ -282,17 +275,15 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     o = torch.empty(b * hq, splits, d, dtype=torch.float32, device=dev)
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
     partial, combine = _kernels()
-    pdl = pdl_launch(q)
-    early = EARLY_COMBINE and pdl  # the combine launched to start during the partial kernel
     partial[(b * hkv, splits)](
         q, k_new, v_new, k_cache, v_cache, pos, valid.view(torch.uint8), m, l_sum, o,
         hkv, length, q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), valid.stride(0), float(scale) * _LOG2E,
         G=g, G_PAD=g_pad, D=d, SPLITS=splits, CHUNK=chunk, BLOCK=block, IEEE=q.dtype == torch.float32,
-        INTERPRET=interpreting(), TRIGGER=early,
+        INTERPRET=interpreting(),
         num_warps=4 if g_pad * d <= 4096 else 8, num_stages=2)
     combine[(b * hq,)](m, l_sum, o, out, SPLITS=splits, D=d, BLOCK_S=min(16, _next_pow2(splits)),
-                       TRIGGER=pdl, WAIT=early, launch_pdl=early, num_warps=1 if d <= 64 else 2)
+                       TRIGGER=pdl_launch(q), num_warps=1 if d <= 64 else 2)
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from . import triton_moe
+from .triton_moe import combine_triton
 
 # Above this many (token, expert) slots a grouped GEMM reuses weights across tokens and wins.
 MAX_SLOTS = 64
@@ -335,9 +336,6 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
     down_early = DOWN_EARLY and sm90
     h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok,
               shared_w=shared_up, parts=parts, split_rows=True, pdl=pdl, trigger=down_early)  # [slots, inter]
-    # And the combine may be launched early behind the down projection, which then signals at its start.
-    combine_early = triton_moe.COMBINE_EARLY and sm90
-    y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok, shared_w=shared_down, parts=parts,
-              split_rows=False, wait_x=down_early, trigger=combine_early)  # [slots, out], slot order
-    return triton_moe.combine_triton(y, None, weights, shared, out_dtype=x.dtype, shared_parts=parts,
-                                     next_norm=next_norm, early=combine_early)
+    y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok,
+              shared_w=shared_down, parts=parts, split_rows=False, wait_x=down_early)  # [slots, out], slot order
+    return combine_triton(y, None, weights, shared, out_dtype=x.dtype, shared_parts=parts, next_norm=next_norm)

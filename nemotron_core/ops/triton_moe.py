@@ -45,13 +45,12 @@ PDL = True
 # before it runs (which signals it at its start; route waits for it before reading): a switch for
 # benchmarks.
 ROUTE_PDL = True
-# Whether, under PDL, the combine kernel is launched to start while the expert down-projection before
-# it runs (which signals it at its start); it waits for that kernel before reading anything. A
-# switch for benchmarks.
-COMBINE_EARLY = True
-# Router rows per route-kernel program for a few rows (a decode step): 1 puts each token's top-k in
-# its own one-warp program (8 programs at batch 8); 0 packs ~1k scores a program as for a prompt.
+# Router rows per route-kernel program for a decode step (at most DECODE_ROUTE_MAX rows): 1 puts each
+# token's top-k in its own one-warp program (8 programs at batch 8, against one of 4 warps); 0 packs
+# ~1k scores a program as for a prompt. On the H200: 1,160.2 against 1,152.7 tok/s at batch 8
+# (``benchmarks/gpu_ab.py --switch route_rows``), at the edge of the A/B's noise.
 DECODE_ROUTE_ROWS = 1
+DECODE_ROUTE_MAX = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,11 +183,9 @@ def _kernels():
                     stride_y, stride_pt, stride_pk, stride_wt, stride_wk, stride_s, stride_o, stride_n, eps,
                     TOPK: tl.constexpr, IMPLICIT_POS: tl.constexpr, HAS_SHARED: tl.constexpr,
                     PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NEXT_NORM: tl.constexpr,
-                    TRIGGER: tl.constexpr, WAIT: tl.constexpr):
+                    TRIGGER: tl.constexpr):
         if TRIGGER:  # the next block's projection (a split-K GEMV launched with PDL) may start now
             gdc_launch_dependents()
-        if WAIT:  # launched with PDL behind the kernel that writes y: nothing is read before this
-            gdc_wait()
         # int64 row indices: tokens * k * hidden passes 2**31 at long prefills.
         offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -262,7 +259,7 @@ def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: 
     # A few tokens per program for small expert counts, so a program holds ~1k scores; a decode
     # step's rows DECODE_ROUTE_ROWS a program.
     block_t = min(_next_pow2(n), max(1, 1024 // block_e))
-    if DECODE_ROUTE_ROWS and n <= 64:
+    if DECODE_ROUTE_ROWS and n <= DECODE_ROUTE_MAX:
         block_t = min(block_t, DECODE_ROUTE_ROWS)
     route[(cdiv(n, block_t),)](
         parts, bias.contiguous(), idx, weights, n, n_exp, parts.stride(0), parts.stride(1), float(scaling),
@@ -277,8 +274,8 @@ def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: 
 
 def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.Tensor,
                    shared: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
-                   shared_parts: int = 0, next_norm: Optional[tuple[torch.Tensor, float]] = None,
-                   early: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   shared_parts: int = 0, next_norm: Optional[tuple[torch.Tensor, float]] = None
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``out[t] = sum_j weights[t, j] * y[pos[t, j]] (+ sum_p y[N * k + t * P + p]) (+ shared[t])``,
     accumulated in fp32, rounded once.
 
@@ -289,8 +286,6 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
     ``out_dtype`` (default ``y.dtype``). The sum over j runs in a fixed order: deterministic.
     ``next_norm = (g, eps)``: also return ``rms_norm(out, g, eps)`` (the next block's normalised
     input), as ``(out, normed)``; meant for a few rows (decode), whose programs then hold whole rows.
-    ``early``: launch with programmatic dependent launch (sm_90+, ``COMBINE_EARLY``), behind a kernel
-    that signals its dependents early; the combine waits for it before reading.
     """
     n, top_k = weights.shape
     h = y.shape[1]
@@ -313,8 +308,6 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
     if shared is not None and shared.stride(1) != 1:
         shared = shared.contiguous()
     _, combine, cdiv = _kernels()
-    pdl = pdl_launch(y)
-    wait = early and COMBINE_EARLY and pdl
     # ~4k fp32 accumulators per program (32 a thread at 4 warps); decode (N=1) gets one row of
     # 256-wide blocks, i.e. hidden / 256 programs.
     block_h = _next_pow2(h) if next_norm is not None else min(_next_pow2(h), 256)
@@ -327,6 +320,6 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
         y.stride(0), p.stride(0), p.stride(1), weights.stride(0), weights.stride(1), s.stride(0), out.stride(0),
         out.stride(0), float(eps),
         TOPK=top_k, IMPLICIT_POS=pos is None, HAS_SHARED=shared is not None, PARTS=shared_parts,
-        BLOCK_T=block_t, BLOCK_H=block_h, NEXT_NORM=next_norm is not None, TRIGGER=pdl, WAIT=wait,
-        launch_pdl=wait, num_warps=NORM_WARPS if next_norm is not None else 4)
+        BLOCK_T=block_t, BLOCK_H=block_h, NEXT_NORM=next_norm is not None, TRIGGER=pdl_launch(y),
+        num_warps=NORM_WARPS if next_norm is not None else 4)
     return out if normed is None else (out, normed)

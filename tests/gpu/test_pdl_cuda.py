@@ -49,10 +49,6 @@ EARLY_SWITCHES = {
                     "runs", "mamba_step"),
     "gemv_early": ("triton_gemv", "EARLY", "in_proj's split-K GEMV loads its first weight tile while the "
                    "MoE combine before it runs", "gemv"),
-    "combine_early": ("triton_moe", "COMBINE_EARLY", "the MoE combine is launched while the expert "
-                      "down-projection runs, and waits for it", "combine_triton"),
-    "attn_combine_early": ("triton_decode_attn", "EARLY_COMBINE", "the attention combine is launched while "
-                           "the partial kernel runs, and waits for it", "decode_attention"),
 }
 
 
