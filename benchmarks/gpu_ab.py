@@ -88,6 +88,10 @@ def _route_rows(model, on: bool) -> None:
     triton_moe.DECODE_ROUTE_ROWS = 1 if on else 0
 
 
+def _null(model, on: bool) -> None:
+    """Nothing: both settings are the same path, so their difference is the A/B's own noise."""
+
+
 def _mamba_step(model, on: bool) -> None:
     from nemotron_core.ops import triton_mamba_step
 
@@ -125,7 +129,7 @@ SWITCHES = {"pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step,
             "sorted_experts": _sorted_experts,
             "shared_ahead": _shared_ahead, "route_pdl": _route_pdl,
             "mamba_early": _mamba_early, "down_early": _down_early, "gemv_early": _gemv_early,
-            "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
+            "route_rows": _route_rows, "null": _null, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
 
 
 def main() -> None:
