@@ -55,17 +55,18 @@ def _experts(n_tok: int, n_exp: int, k: int, d_in: int, inter: int, seed: int = 
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("k", [1, 2, 6])
 @pytest.mark.parametrize("n_exp", [8, 128])
-def test_route_matches_router(n_exp: int, k: int, norm: bool) -> None:
+@pytest.mark.parametrize("n", [13, 100])  # a decode step's rows one a program; a prompt's packed
+def test_route_matches_router(n: int, n_exp: int, k: int, norm: bool) -> None:
     torch.manual_seed(n_exp * 100 + k * 10 + norm)
     router = Router(32, n_exp, k, n_group=1, topk_group=1, norm_topk_prob=norm, scaling=2.5).to(DEVICE)
     router.reset_parameters(std=0.3)
     router.e_score_correction_bias.normal_(0, 0.05)
-    x = torch.randn(13, 32, device=DEVICE)
+    x = torch.randn(n, 32, device=DEVICE)
     with torch.no_grad():
         want_idx, want_w = router(x)
         logits = F.linear(x, router.weight)  # x @ W^T, as the router computes it
     idx, w = triton_moe.route_triton(logits, router.e_score_correction_bias, k, 2.5, norm)
-    assert idx.dtype == torch.int64 and w.dtype == torch.float32 and idx.shape == w.shape == (13, k)
+    assert idx.dtype == torch.int64 and w.dtype == torch.float32 and idx.shape == w.shape == (n, k)
     want_idx, want_w = _by_id(want_idx, want_w)
     idx, w = _by_id(idx, w)
     assert torch.equal(idx, want_idx)
