@@ -171,7 +171,10 @@ def main() -> None:
             row = {f"{switch}_{'on' if on else 'off'}_tok_s": round(batch * new / statistics.median(w), 1)
                    for on, w in walls.items()}
             row["same_tokens"] = tokens[True] == tokens[False]
-            results[f"{switch} b{batch}"] = row
+            key, repeat = f"{switch} b{batch}", 2
+            while key in results:  # a switch given twice (e.g. null, for the noise) keeps both rows
+                key, repeat = f"{switch} b{batch} #{repeat}", repeat + 1
+            results[key] = row
             print(f"{switch} b{batch}: {row}", flush=True)
             del decoders
             gc.collect()  # their graphs go now, not during the next capture
