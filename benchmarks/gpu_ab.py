@@ -125,11 +125,13 @@ def _pdl(model, on: bool) -> None:
     triton_gemv.PRELOAD, triton_mamba_step.ENABLED, triton_moe.PDL = True, True, on
 
 
-SWITCHES = {"pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step, "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm,
-            "sorted_experts": _sorted_experts,
-            "shared_ahead": _shared_ahead, "route_pdl": _route_pdl,
-            "mamba_early": _mamba_early, "down_early": _down_early, "gemv_early": _gemv_early,
-            "route_rows": _route_rows, "null": _null, "linear": _linear, "fold_norms": _fold_norms, "decode_attn": _decode_attn}
+SWITCHES = {
+    "pdl_preload": _pdl_preload, "pdl": _pdl, "mamba_step": _mamba_step,
+    "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm, "sorted_experts": _sorted_experts,
+    "shared_ahead": _shared_ahead, "route_pdl": _route_pdl, "mamba_early": _mamba_early, "down_early": _down_early,
+    "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
+    "decode_attn": _decode_attn, "null": _null,
+}
 
 
 def main() -> None:
