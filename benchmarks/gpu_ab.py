@@ -7,6 +7,9 @@ reporting the median of each. A setting is a name and a function that switches t
 (given the model) before its decoder is captured (the graph keeps what was captured).
 
     python benchmarks/gpu_ab.py --switch fold_norms [--rounds 5] [--out ab.json]
+
+``--switch null`` runs the same path in both settings: its difference is the A/B's own noise (about
+0.1% on the H200, BENCHMARKS.md), the yardstick for a switch's effect.
 """
 from __future__ import annotations
 
