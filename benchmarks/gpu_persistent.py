@@ -138,12 +138,15 @@ def chain(d: int, layers: int, results: dict) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
     def report(name: str, us_chain: float, out: torch.Tensor) -> None:
+        """One variant's row; then the activations are cleared, so the next variant's check cannot
+        pass on what this one wrote."""
         per = us_chain / layers
         row = {"dim": d, "layers": layers, "variant": name, "us_per_layer": round(per, 2),
                "tb_s": round(d * d * 2 / per / 1e6, 2), "floor_us": round(floor_us, 2), "rel_err": rel(out, want)}
         results["rows"].append(row)
         print(f"D={d:<5} {name:<34} {per:7.2f} us a layer ({row['tb_s']:.2f} TB/s; floor {floor_us:.2f} us)"
               f"  rel err {row['rel_err']:.1e}", flush=True)
+        xs[1:].zero_()
 
     for pdl in (False, True):
         def run(pdl=pdl) -> None:
