@@ -105,9 +105,11 @@ def _kernels():
 
 def _reference(x0: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The chain in fp32 products, rounded to bf16 after each layer, as the kernels do."""
+    from nemotron_core.ops.triton_gemv import gemv_reference
+
     x = x0
     for w in weights:
-        x = (w.float() @ x.float()).to(x0.dtype)
+        x = gemv_reference(x, w)
     return x
 
 

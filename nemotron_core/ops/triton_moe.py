@@ -45,12 +45,13 @@ PDL = True
 # before it runs (which signals it at its start; route waits for it before reading): a switch for
 # benchmarks.
 ROUTE_PDL = True
-# Router rows per route-kernel program for a decode step (at most DECODE_ROUTE_MAX rows): 1 puts each
-# token's top-k in its own one-warp program (8 programs at batch 8, against one of 4 warps); 0 packs
-# ~1k scores a program as for a prompt. On the H200: 1,160.2 against 1,152.7 tok/s at batch 8
-# (``benchmarks/gpu_ab.py --switch route_rows``), at the edge of the A/B's noise.
+# A decode step's rows: fewer than this many (``triton_router`` takes its partial-logit kernel below it).
+DECODE_ROWS = 64
+# Router rows per route-kernel program for at most DECODE_ROWS rows: 1 puts each token's top-k in its
+# own one-warp program (8 programs at batch 8, against one of 4 warps); 0 packs ~1k scores a program
+# as for a prompt. On the H200: 1,160.2 against 1,152.7 tok/s at batch 8, and 1,159.5 against
+# 1,154.3 in a second A/B (``benchmarks/gpu_ab.py --switch route_rows``; the A/B's noise is ~0.1%).
 DECODE_ROUTE_ROWS = 1
-DECODE_ROUTE_MAX = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -259,7 +260,7 @@ def route_triton(logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: 
     # A few tokens per program for small expert counts, so a program holds ~1k scores; a decode
     # step's rows DECODE_ROUTE_ROWS a program.
     block_t = min(_next_pow2(n), max(1, 1024 // block_e))
-    if DECODE_ROUTE_ROWS and n <= DECODE_ROUTE_MAX:
+    if DECODE_ROUTE_ROWS and n <= DECODE_ROWS:
         block_t = min(block_t, DECODE_ROUTE_ROWS)
     route[(cdiv(n, block_t),)](
         parts, bias.contiguous(), idx, weights, n, n_exp, parts.stride(0), parts.stride(1), float(scaling),

@@ -35,7 +35,7 @@ from .triton_moe import _next_pow2, interpreting, pdl_launch, usable
 
 # router_logits from this many rows, router_partials below DECODE_ROWS, cuBLAS between (see above).
 MIN_ROWS = 2048
-DECODE_ROWS = 64
+DECODE_ROWS = triton_moe.DECODE_ROWS
 # K chunk whose products the tensor cores sum before IEEE fp32 takes over (see the module docstring).
 CHUNK_K = 64
 # (BLOCK_M, BLOCK_N, warps) the autotuner picks from, per bucket of the row count.
