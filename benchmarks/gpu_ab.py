@@ -91,6 +91,14 @@ def _route_rows(model, on: bool) -> None:
     triton_moe.DECODE_ROUTE_ROWS = 1 if on else 0
 
 
+def _greedy_in_graph(model, on: bool) -> None:
+    """Greedy decoding with the pick and the bookkeeping captured in the step's graph, against the
+    plain step's graph with torch ops between replays."""
+    from nemotron_core import generation
+
+    generation.GREEDY_IN_GRAPH = on
+
+
 def _null(model, on: bool) -> None:
     """Nothing: both settings are the same path, so their difference is the A/B's own noise."""
 
@@ -133,7 +141,7 @@ SWITCHES = {
     "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm, "sorted_experts": _sorted_experts,
     "shared_ahead": _shared_ahead, "route_pdl": _route_pdl, "mamba_early": _mamba_early, "down_early": _down_early,
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
-    "decode_attn": _decode_attn, "null": _null,
+    "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null,
 }
 
 

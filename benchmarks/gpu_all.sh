@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_all.sh OUTDIR [parts]
 #
 # parts (default all, comma-separated): tests, gemv, attn, router, generate, train, memory, packed;
-# not by default: l2 (gpu_l2.py), pdl (gpu_pdl.py), persistent (gpu_persistent.py), sweep (gpu_gemv_sweep.py, options in SWEEP_ARGS), ab (gpu_ab.py over AB_SWITCHES, default "fold_norms decode_attn").
+# not by default: l2 (gpu_l2.py), pdl (gpu_pdl.py), persistent (gpu_persistent.py), gap (gpu_step_gap.py --trace), sweep (gpu_gemv_sweep.py, options in SWEEP_ARGS), ab (gpu_ab.py over AB_SWITCHES, default "fold_norms decode_attn").
 # Each part has its own time limit, so one that hangs cannot starve the rest; logs and JSON results
 # land in OUTDIR. Run from the project root with mamba-ssm importable (see BENCHMARKS.md's set-up).
 #
@@ -58,6 +58,7 @@ has sweep && step sweep 420 python3 benchmarks/gpu_gemv_sweep.py ${SWEEP_ARGS:-}
 has l2 && step l2 120 python3 benchmarks/gpu_l2.py --out "$out/l2.json"
 has pdl && step pdl 150 python3 benchmarks/gpu_pdl.py --out "$out/pdl.json"
 has persistent && step persistent 150 python3 benchmarks/gpu_persistent.py --out "$out/persistent.json"
+has gap && step gap 300 python3 benchmarks/gpu_step_gap.py --trace --out "$out/gap.json"
 has ab && step ab 240 python3 benchmarks/gpu_ab.py $(printf -- '--switch %s ' ${AB_SWITCHES:-fold_norms decode_attn}) --out "$out/ab.json"
 has train && step train 300 python3 benchmarks/gpu_train.py --parts step --compile --profile --out "$out/train.json"
 has memory && step memory 200 python3 benchmarks/gpu_train.py --parts memory --out "$out/memory.json"

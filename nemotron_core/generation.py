@@ -5,7 +5,9 @@ final conv/SSM states and KV rows in the cache. Each decode step then feeds one 
 Mamba layers update their state in O(1), attention layers write one KV row at a device-side
 position and attend over the whole preallocated buffer under a validity mask. Every shape is fixed,
 so on CUDA the step is captured once in a CUDA graph and replayed; the host only looks at the
-tokens every ``sync_every`` steps (to stream them and to stop early).
+tokens every ``sync_every`` steps (to stream them and to stop early). Between steps the token is
+picked and recorded on the device (``ops.triton_pick``); for greedy decoding that pick is captured
+with the step, so a token costs one graph replay and no other launch.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from .batch import BatchMeta
 from .cache import NemotronHybridCache
 from .errors import InputError
+from .ops import triton_pick
 
 # Short prompts prefill through a CUDA graph: there the forward is bound by host-side launch cost
 # (on an H200, a 128-token prefill of the 30B MoE model took 54 ms of wall time for 23 ms of GPU work;
@@ -29,6 +32,12 @@ PREFILL_GRAPH_TOKENS = 2048
 # Prompts are left-padded to a multiple of this, so one captured graph serves many prompt lengths.
 # Left padding is exact here: Mamba zeroes padded positions and attention masks them.
 PREFILL_BUCKET = 64
+# Greedy decoding without a repetition penalty captures the pick and the bookkeeping in the decode
+# step's CUDA graph (``Decoder.greedy_graph``). Outside the graph they cost 53 us a step on the H200 at
+# batch 1 (2.3% of the Nano model's step; ``benchmarks/gpu_step_gap.py``). A switch for benchmarks.
+GREEDY_IN_GRAPH = True
+# EOS ids the captured greedy step checks (a call with more decodes without that graph).
+MAX_EOS = 16
 
 
 @dataclass
@@ -161,9 +170,20 @@ class Decoder:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.kv_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        # The loop's record (``ops.triton_pick.advance``): tokens so far, the next one's index, which rows
+        # are done and which of those met an EOS; the EOS ids and the padding id of the call.
+        self.out = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.hit_eos = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=device)
+        self.pad = torch.zeros(1, dtype=torch.long, device=device)
+        self._call_eos = self.eos
         self.logits = None
         self.use_graph = device.type == "cuda" if cuda_graph is None else (cuda_graph and device.type == "cuda")
         self.graph = None
+        # The step followed by the greedy pick and the bookkeeping, captured together.
+        self.greedy_graph = None
         # Padded-length prefill on static buffers: graph-captured on CUDA; without graphs it only
         # exists so tests can check the padded path against the plain one.
         self.bucket_prefill = self.use_graph if bucket_prefill is None else bucket_prefill
@@ -181,16 +201,26 @@ class Decoder:
         return meta
 
     @torch.no_grad()
-    def _step_impl(self) -> torch.Tensor:
+    def _step_impl(self, as_float: bool = True) -> torch.Tensor:
+        """The step on ``self.tokens`` at ``self.pos``, which it then advances (capturable)."""
         self.kv_valid.index_fill_(1, self.pos, True)
-        return self._last_logits(self.tokens, self._meta())
+        logits = self._last_logits(self.tokens, self._meta(), as_float)
+        self.pos.add_(1)
+        return logits
 
-    def _last_logits(self, ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+    def _greedy_impl(self) -> torch.Tensor:
+        """The step, then its argmax recorded as the next token (capturable)."""
+        logits = self._step(as_float=False)  # (argmax needs no fp32 copy)
+        self.advance(logits=logits)
+        return logits
+
+    def _last_logits(self, ids: torch.Tensor, meta: BatchMeta, as_float: bool = True) -> torch.Tensor:
         """The blocks over ``ids`` into the cache, without validation or host syncs (capturable):
-        fp32 logits of the last position."""
+        logits of the last position, fp32 unless ``as_float`` is off."""
         m = self.model
         hidden = m.model.run_layers(m.model.embed_tokens(ids), meta, self.cache, owned=True)
-        return m.lm_head(hidden[:, -1]).float()
+        logits = m.lm_head(hidden[:, -1])
+        return logits.float() if as_float else logits
 
     def _uncapturable(self, tokens: int) -> str | None:
         from .modeling.moe import MoE
@@ -201,17 +231,21 @@ class Decoder:
                 return "the loop-over-experts path sizes its work on the host"
         return None
 
-    def _capture(self) -> None:
+    def _capture(self, greedy: bool) -> None:
+        """Capture the decode step (``graph``), or the step with the greedy pick (``greedy_graph``)."""
         reason = self._uncapturable(self.batch_size)
         if reason is not None:
             warnings.warn(f"decode step not capturable as a CUDA graph, running eagerly ({reason})")
             self.use_graph = False
             return
-        # The warm-up steps write into the cache, so it is zeroed afterwards; the graph keeps
-        # pointing at its buffers.
-        captured = _capture_graph(self._step, "decode step", warmup=3)
+        # The warm-up steps write into the cache and the loop's record, so those are zeroed
+        # afterwards; the graph keeps pointing at its buffers.
+        self.start([], 0)
+        captured = _capture_graph(self._greedy_impl if greedy else self._step, "decode step", warmup=3)
         if captured is None:
             self.use_graph = False
+        elif greedy:
+            self.greedy_graph = captured[0]
         else:
             self.graph, self.logits = captured
         self.cache.reset()
@@ -219,13 +253,14 @@ class Decoder:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int | None = None,
-                reserve: int = 1) -> torch.Tensor:
+                reserve: int = 1, greedy: bool = False) -> torch.Tensor:
         """Run the prompt (left-padded ``[B, S]``) into a fresh cache; returns last-position logits.
 
         ``reserve``: positions the caller will decode after the prompt (a prompt padded to a bucket
-        must still leave that much room in the cache)."""
-        if self.use_graph and self.graph is None:
-            self._capture()
+        must still leave that much room in the cache). ``greedy``: the caller decodes with
+        ``greedy_step`` (CUDA graphs: captures that graph rather than the plain step's)."""
+        if self.use_graph and (self.greedy_graph if greedy else self.graph) is None:
+            self._capture(greedy)
         self.cache.reset()
         self.kv_valid.zero_()
         seqlen = input_ids.shape[1]
@@ -313,16 +348,50 @@ class Decoder:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (``[B]``); returns next-token logits ``[B, V]``."""
+        """Feed one token per row (``[B]``); returns next-token logits ``[B, V]`` (fp32)."""
         self.tokens.copy_(tokens.view(-1, 1))
+        return self.step_recorded()
+
+    @torch.no_grad()
+    def step_recorded(self) -> torch.Tensor:
+        """``step`` on the tokens ``advance`` recorded last."""
         if self.graph is not None:
             self.graph.replay()
             logits = self.logits
         else:
             logits = self._step()
-        self.pos.add_(1)
         self.cache.seq_len += 1
         return logits
+
+    @torch.no_grad()
+    def greedy_step(self) -> None:
+        """Step on the tokens recorded last and record each row's argmax as its next token (one graph
+        replay when ``prefill(..., greedy=True)`` captured it)."""
+        if self.greedy_graph is not None:
+            self.greedy_graph.replay()
+        else:
+            self._greedy_impl()
+        self.cache.seq_len += 1
+
+    def start(self, eos_ids: list[int], pad_id: int) -> None:
+        """A fresh record for a generate call: nothing generated, no row done."""
+        self.index.zero_()
+        self.done.zero_()
+        self.hit_eos.zero_()
+        self.pad.fill_(pad_id)
+        self.eos.fill_(-1)
+        if len(eos_ids) > MAX_EOS:  # (a graph checks only MAX_EOS ids: generate then avoids it)
+            self._call_eos = torch.tensor(eos_ids, dtype=torch.long, device=self.eos.device)
+        else:
+            self.eos[: len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
+            self._call_eos = self.eos
+
+    def advance(self, picked: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+                seen: torch.Tensor | None = None) -> None:
+        """Record the next token per row: ``picked`` (``[B]``), or the argmax of ``logits``; see
+        ``ops.triton_pick.advance``."""
+        triton_pick.advance(self.out, self.index, self.tokens, self.done, self.hit_eos, self._call_eos, self.pad,
+                            picked=picked, logits=logits, seen=seen)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,7 +437,9 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
     seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
     generator = torch.Generator(device=device).manual_seed(seed)
     ids, mask = left_pad(prompts, pad_id, device)
-    eos = torch.tensor(cfg.eos_token_ids or [-1], device=device)
+    # Greedy without a penalty: the pick is captured with the step (see Decoder.greedy_step).
+    greedy_fused = (GREEDY_IN_GRAPH and cfg.greedy and cfg.repetition_penalty == 1.0
+                and len(cfg.eos_token_ids) <= MAX_EOS)
     seen = None
     if cfg.repetition_penalty != 1.0:
         seen = torch.zeros(bsz, model.config.vocab_size, dtype=torch.bool, device=device)
@@ -377,14 +448,13 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    logits = decoder.prefill(ids, mask, prefill_chunk, reserve=cfg.max_new_tokens)
+    logits = decoder.prefill(ids, mask, prefill_chunk, reserve=cfg.max_new_tokens, greedy=greedy_fused)
+    decoder.start(cfg.eos_token_ids, pad_id)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t1 = time.perf_counter()
 
-    out = torch.full((bsz, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    hit_eos = torch.zeros(bsz, dtype=torch.bool, device=device)
+    out, done = decoder.out, decoder.done
     steps = 0
     flushed = 0
     stopped = [False] * bsz
@@ -392,14 +462,13 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
     interrupted = False
     try:
         for i in range(cfg.max_new_tokens):
-            nxt = sample_next(logits, cfg, seen, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            out[:, i] = nxt
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], ~done[:, None])
-            is_eos = torch.isin(nxt, eos) & ~done
-            hit_eos |= is_eos
-            done |= is_eos
+            # Token i: from the prompt's logits first, then from a step on token i - 1.
+            if i > 0 and greedy_fused:
+                decoder.greedy_step()
+            else:
+                if i > 0:
+                    logits = decoder.step_recorded()
+                decoder.advance(sample_next(logits, cfg, seen, generator), seen=seen)
             steps = i + 1
             last = i + 1 == cfg.max_new_tokens
             if steps % sync_every == 0 or last:
@@ -413,7 +482,6 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
                         done |= torch.tensor(stopped, device=device)
                 if bool(done.all()) or last:
                     break
-            logits = decoder.step(nxt)
     except KeyboardInterrupt:
         interrupted = True
     if device.type == "cuda":
@@ -421,7 +489,7 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
     t2 = time.perf_counter()
 
     rows = out[:, :steps].tolist()
-    hit = hit_eos.tolist()
+    hit = decoder.hit_eos.tolist()
     sequences = []
     reasons = []
     eos_set = set(cfg.eos_token_ids)
@@ -441,4 +509,5 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return GenerationOutput(sequences=sequences, finish_reasons=reasons, prompt_tokens=[len(p) for p in prompts],
                             prefill_seconds=t1 - t0, decode_seconds=t2 - t1, decode_steps=steps,
-                            peak_memory_bytes=peak, cuda_graph=decoder.graph is not None)
+                            peak_memory_bytes=peak,
+                            cuda_graph=(decoder.greedy_graph if greedy_fused else decoder.graph) is not None)

@@ -178,6 +178,32 @@ def test_on_tokens_stop_trims_the_row(models, sync_every):
     assert out.sequences[0] == alone[:2 * step]
 
 
+@torch.no_grad()
+def test_pick_on_device_equals_torch_bookkeeping(models, monkeypatch):
+    """The loop's pick and bookkeeping (``ops.triton_pick``, run by Triton's interpreter here) give the
+    same tokens and finish reasons as the torch reference with the pick from ``sample_next``: greedy
+    with an EOS that finishes one row early (padding after it), with a repetition penalty (``seen``),
+    and sampled."""
+    from nemotron_core import generation
+    from nemotron_core.ops import triton_pick
+
+    _, ours = models
+    prompts = [_ids(1, 7, seed=40)[0].tolist(), _ids(1, 5, seed=41)[0].tolist(), _ids(1, 9, seed=42)[0].tolist()]
+    free = generate(ours, prompts, SamplingConfig(max_new_tokens=14, do_sample=False), pad_id=PAD).sequences
+    eos = free[1][4]  # row 1 stops at its fifth token (or earlier, if that token came before)
+    cfgs = [SamplingConfig(max_new_tokens=14, do_sample=False, eos_token_ids=[eos, 1]),
+            SamplingConfig(max_new_tokens=14, do_sample=False, repetition_penalty=1.5, eos_token_ids=[eos]),
+            SamplingConfig(max_new_tokens=14, top_k=20, seed=3, eos_token_ids=[eos])]
+    got = [generate(ours, prompts, cfg, pad_id=PAD) for cfg in cfgs]
+    assert got[0].finish_reasons[1] == "eos" and len(got[0].sequences[1]) <= 5
+    monkeypatch.setattr(generation, "GREEDY_IN_GRAPH", False)
+    monkeypatch.setattr(triton_pick, "advance", triton_pick.advance_reference)
+    for cfg, out in zip(cfgs, got):
+        want = generate(ours, prompts, cfg, pad_id=PAD)
+        assert out.sequences == want.sequences
+        assert out.finish_reasons == want.finish_reasons
+
+
 # ---- sample_next ---------------------------------------------------------------------------------------------
 def _probs_logits(probs: list[float], rows: int = 4000) -> torch.Tensor:
     return torch.tensor(probs).log().expand(rows, -1).clone()

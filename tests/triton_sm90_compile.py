@@ -17,6 +17,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from nemotron_core.ops import triton_act, triton_ce, triton_conv, triton_experts, triton_moe, triton_router  # noqa: E402,E501
 from nemotron_core.ops import triton_decode_attn, triton_gemv, triton_mamba_step, triton_sorted_experts  # noqa: E402,E501
+from nemotron_core.ops import triton_pick  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -217,6 +218,18 @@ def main() -> int:
         consts = {"H": 64, "G": 8, "P": 64, "N": 128, "K": 4, "KP": 4, "BLOCK_P": block_p, "HAS_BIAS": True,
                   "TRIGGER": dt == "bf16", "WAIT": dt == "bf16"}
         results.append(compile_one(f"mamba_step {dt} block_p={block_p}", step, sig, consts, 4))
+    argmax_partials, advance, _ = triton_pick._kernels()
+    for dt in ("bf16", "fp32"):
+        sig = {"logits_ptr": f"*{dt}", "val_ptr": "*fp32", "idx_ptr": "*i32", **ints("V stride_l NB")}
+        results.append(compile_one(f"argmax_partials {dt}", argmax_partials, sig,
+                                   {"BLOCK": 4096, "BF16_BY_BITS": False}, 4))
+    for from_logits, seen in ((True, False), (False, True)):
+        sig = {"val_ptr": "*fp32", "idx_ptr": "*i32", **ptrs("picked_ptr out_ptr index_ptr tokens_ptr", "i64"),
+               **ptrs("done_ptr hit_ptr", "i1"), **ptrs("eos_ptr pad_ptr", "i64"), "seen_ptr": "*i1",
+               **ints("B NB NE stride_ob stride_tb stride_sb")}
+        results.append(compile_one(f"advance from_logits={from_logits} seen={seen}", advance, sig,
+                                   {"BLOCK_B": 8, "NB_P2": 32, "NE_P2": 16, "FROM_LOGITS": from_logits,
+                                    "HAS_SEEN": seen}, 1))
     print(f"{sum(results)} of {len(results)} kernel variants compiled for sm_90")
     return 0 if all(results) else 1
 
