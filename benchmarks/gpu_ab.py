@@ -91,6 +91,16 @@ def _route_rows(model, on: bool) -> None:
     triton_moe.DECODE_ROUTE_ROWS = 1 if on else 0
 
 
+def _early_tiles(tiles: int):
+    def switch(model, on: bool) -> None:
+        f"""in_proj's split-K GEMV loading its first {tiles} weight tiles before it waits, against one."""
+        from nemotron_core.ops import triton_gemv
+
+        triton_gemv.EARLY_TILES = tiles if on else 1
+
+    return switch
+
+
 def _greedy_in_graph(model, on: bool) -> None:
     """Greedy decoding with the pick and the bookkeeping captured in the step's graph, against the
     plain step's graph with torch ops between replays."""
@@ -142,6 +152,7 @@ SWITCHES = {
     "shared_ahead": _shared_ahead, "route_pdl": _route_pdl, "mamba_early": _mamba_early, "down_early": _down_early,
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
     "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null,
+    "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
 }
 
 

@@ -73,7 +73,9 @@ def _timeline(graph, rewind, replays: int = 3) -> dict:
     return {"kernels": len(ks), "span_us": round(end - ks[0][0], 1), "busy_us": round(busy, 1),
             "idle_us": round(sum(g for g in gaps if g > 0), 1),
             "overlap_us": round(-sum(g for g in gaps if g < 0), 1),
-            "per_kernel": {n: {k: round(v, 1) for k, v in d.items()} for n, d in top}}
+            "per_kernel": {n: {k: round(v, 1) for k, v in d.items()} for n, d in top},
+            # Every kernel of the replay in start order: (start, end) in us from the first one's start.
+            "sequence": [[round(a - ks[0][0], 2), round(b - ks[0][0], 2), n[:40]] for a, b, n in ks]}
 
 
 def main() -> None:
@@ -137,7 +139,7 @@ def main() -> None:
             if args.trace:
                 tl = _timeline(graph, rewind)
                 results[key]["timeline"] = tl
-                print(f"{key} timeline: " + ", ".join(f"{k} {v}" for k, v in tl.items() if k != "per_kernel"))
+                print(f"{key} timeline: " + ", ".join(f"{k} {v}" for k, v in tl.items() if k not in ("per_kernel", "sequence")))
                 for name, d in list(tl.get("per_kernel", {}).items())[:25]:
                     print(f"   {name:60s} {d}")
             del dec, graph

@@ -155,7 +155,7 @@ def main() -> int:
             results.append(compile_one(f"gemv_split_k {bn}x{bk} split={split} relu2={relu2} res={res}", gemv_plain, sig,
                                        {"K": 4096, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": split, "RELU2": relu2,
                                         "HAS_RES": res, "IEEE": False, "TRIGGER": split == 1,
-                                        "WAIT": bn == 32}, warps,
+                                        "WAIT": bn == 32, "EARLY_TILES": 4 if bn == 32 else 1}, warps,
                                        aligned="x_ptr w_ptr res_ptr out_ptr part_ptr stride_wn", stages=stages))
     preload = triton_gemv._preload[0]
     for dt, split, relu2, res, pdl in (("bf16", 2, False, True, True), ("bf16", 2, True, False, False),

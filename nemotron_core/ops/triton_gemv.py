@@ -53,6 +53,9 @@ _preload: list = []  # the kernel, once built
 # signals early: the MoE combine before the next block's in_proj), loading its first weight tile
 # before it waits. A switch for benchmarks.
 EARLY = True
+# Weight tiles (of BLOCK_K columns, a power of two) that an early split-K GEMV loads before it waits:
+# more of in_proj's weights stream while the MoE combine before it (one program) runs.
+EARLY_TILES = 1
 
 
 def preload_split(n: int, k: int, elem: int) -> int:
@@ -85,7 +88,8 @@ def _kernel():
     @triton.jit
     def gemv_split_k(x_ptr, w_ptr, res_ptr, out_ptr, part_ptr, count_ptr, N, K: tl.constexpr, stride_wn,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, RELU2: tl.constexpr,
-                     HAS_RES: tl.constexpr, IEEE: tl.constexpr, TRIGGER: tl.constexpr, WAIT: tl.constexpr):
+                     HAS_RES: tl.constexpr, IEEE: tl.constexpr, TRIGGER: tl.constexpr, WAIT: tl.constexpr,
+                     EARLY_TILES: tl.constexpr):
         if TRIGGER:  # a kernel launched with PDL behind this one (the fused Mamba step) may start now
             gdc_launch_dependents()
         pid_n = tl.program_id(0)
@@ -96,22 +100,24 @@ def _kernel():
         # dot's pipelined loads, which beat plain loads here; the other 15 rows are zeros.
         rows = tl.arange(0, 16)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        FIRST: tl.constexpr = BLOCK_K * EARLY_TILES
         if WAIT:
-            # Launched with PDL: the first weight tile is loaded while the kernel before still runs
-            # (it signalled at its start), then wait for it before reading x; everything is stored
-            # after the wait.
-            offs_k = pid_k * ((K + SPLIT - 1) // SPLIT) + tl.arange(0, BLOCK_K)
-            in_k = (offs_k < K) & (tl.arange(0, BLOCK_K) < (K + SPLIT - 1) // SPLIT)
-            w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                        mask=mask_n[:, None] & in_k[None, :], other=0.0)
+            # Launched with PDL: the first EARLY_TILES weight tiles are loaded while the kernel before
+            # still runs (it signalled at its start), then wait for it before reading x; everything
+            # is stored after the wait.
+            # (Own names: the loop below carries offs_k, in_k, xs and w at one tile's width.)
+            offs_f = pid_k * ((K + SPLIT - 1) // SPLIT) + tl.arange(0, FIRST)
+            in_f = (offs_f < K) & (tl.arange(0, FIRST) < (K + SPLIT - 1) // SPLIT)
+            w_f = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_f[None, :],
+                          mask=mask_n[:, None] & in_f[None, :], other=0.0)
             gdc_wait()
-            xs = tl.load(x_ptr + rows[:, None] * 0 + offs_k[None, :], mask=(rows[:, None] == 0) & in_k[None, :],
-                         other=0.0)
+            x_f = tl.load(x_ptr + rows[:, None] * 0 + offs_f[None, :], mask=(rows[:, None] == 0) & in_f[None, :],
+                          other=0.0)
             if IEEE:
-                acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
+                acc = tl.dot(x_f, tl.trans(w_f), acc, input_precision="ieee")
             else:
-                acc = tl.dot(xs, tl.trans(w), acc)
-        START: tl.constexpr = BLOCK_K * WAIT
+                acc = tl.dot(x_f, tl.trans(w_f), acc)
+        START: tl.constexpr = BLOCK_K * EARLY_TILES * WAIT
         for k0 in range(START, (K + SPLIT - 1) // SPLIT, BLOCK_K):  # this split's K range
             offs_k = pid_k * ((K + SPLIT - 1) // SPLIT) + k0 + tl.arange(0, BLOCK_K)
             in_k = (offs_k < K) & (k0 + tl.arange(0, BLOCK_K) < (K + SPLIT - 1) // SPLIT)
@@ -234,7 +240,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     wait = EARLY and pdl
     launch(x, weight, res, out, part, _counters(x.device), n, k, weight.stride(0),
            RELU2=relu2, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, TRIGGER=pdl,
-           WAIT=wait, launch_pdl=wait)
+           WAIT=wait, EARLY_TILES=EARLY_TILES if wait else 1, launch_pdl=wait)
     return out.view(*lead, n)
 
 

@@ -49,11 +49,15 @@ EARLY_SWITCHES = {
                     "runs", "mamba_step"),
     "gemv_early": ("triton_gemv", "EARLY", "in_proj's split-K GEMV loads its first weight tile while the "
                    "MoE combine before it runs", "gemv"),
+    "gemv_early_tiles": ("triton_gemv", "EARLY_TILES", "in_proj's split-K GEMV loads its first four weight "
+                         "tiles (as one) while the MoE combine before it runs", "gemv"),
 }
+# The settings of a switch that is not a flag: (on, off).
+SETTINGS = {"gemv_early_tiles": (4, 1)}
 
 
 @pytest.mark.parametrize("switch,batch", [(name, batch) for name in sorted(EARLY_SWITCHES) for batch in (1, 2)
-                                          if not (name == "gemv_early" and batch > 1)])  # (the GEMV takes one row)
+                                          if not (name.startswith("gemv_early") and batch > 1)])  # (one row)
 def test_early_launch_changes_no_bit(monkeypatch, switch: str, batch: int) -> None:
     """A kernel launched with programmatic dependent launch so that it starts before the one ahead of it
     ends (see EARLY_SWITCHES) reads early only what that kernel does not write, and stores only after
@@ -73,10 +77,12 @@ def test_early_launch_changes_no_bit(monkeypatch, switch: str, batch: int) -> No
     ids = torch.randint(3, 1000, (batch, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     mask = torch.ones(batch, 20, dtype=torch.long, device="cuda")
     mask[batch - 1, :batch - 1] = 0
+    on, off = SETTINGS.get(switch, (True, False))
+    monkeypatch.setattr(module, attr, on)
     calls = count_calls(monkeypatch, module, entry)
     early = graph_decode_logits(model, ids, mask, 16)
-    assert calls and getattr(module, attr) and triton_moe.pdl_launch(ids), f"{entry} was not called"
-    monkeypatch.setattr(module, attr, False)
+    assert calls and triton_moe.pdl_launch(ids), f"{entry} was not called"
+    monkeypatch.setattr(module, attr, off)
     plain = graph_decode_logits(model, ids, mask, 16)
     for i, (a, b) in enumerate(zip(early, plain)):
         assert torch.equal(a, b), f"step {i}"
