@@ -93,7 +93,7 @@ def _route_rows(model, on: bool) -> None:
 
 def _early_tiles(tiles: int):
     def switch(model, on: bool) -> None:
-        f"""in_proj's split-K GEMV loading its first {tiles} weight tiles before it waits, against one."""
+        # in_proj's split-K GEMV loading its first `tiles` weight tiles before it waits, against one.
         from nemotron_core.ops import triton_gemv
 
         triton_gemv.EARLY_TILES = tiles if on else 1

@@ -21,7 +21,8 @@ is as fast as the split-K kernel (9.27 against 9.36 us on the H200, ``benchmarks
 
 Under PDL the split-K kernel also takes part: it signals its dependents at its start (the fused Mamba
 step behind in_proj loads its SSM state meanwhile), and it is itself launched early (``EARLY``),
-loading its first weight tile before waiting for the kernel ahead (the MoE combine before in_proj).
+loading its first weight tiles (``EARLY_TILES``) before waiting for the kernel ahead (the MoE combine
+before in_proj).
 
 ``gemv_reference`` is the plain-PyTorch definition. The kernel also runs under Triton's interpreter
 (CPU tests).
@@ -54,8 +55,10 @@ _preload: list = []  # the kernel, once built
 # before it waits. A switch for benchmarks.
 EARLY = True
 # Weight tiles (of BLOCK_K columns, a power of two) that an early split-K GEMV loads before it waits:
-# more of in_proj's weights stream while the MoE combine before it (one program) runs.
-EARLY_TILES = 1
+# more of in_proj's weights stream while the MoE combine before it (one program at batch 1) runs. On
+# the H200, batch 1 against one tile: 2 tiles +0.35%, 4 tiles +1.0% (three A/Bs), 8 tiles -3% (the
+# registers held cost resident programs); batch 8 unchanged (``benchmarks/gpu_ab.py --switch early_tiles4``).
+EARLY_TILES = 4
 
 
 def preload_split(n: int, k: int, elem: int) -> int:
