@@ -101,16 +101,6 @@ def _early_tiles(tiles: int):
     return switch
 
 
-def _down_tiles(tiles: int):
-    def switch(model, on: bool) -> None:
-        # The early expert down-projection loading its first `tiles` weight tiles before it waits, against one.
-        from nemotron_core.ops import triton_experts
-
-        triton_experts.DOWN_EARLY_TILES = tiles if on else 1
-
-    return switch
-
-
 def _greedy_in_graph(model, on: bool) -> None:
     """Greedy decoding with the pick and the bookkeeping captured in the step's graph, against the
     plain step's graph with torch ops between replays."""
@@ -162,7 +152,7 @@ SWITCHES = {
     "shared_ahead": _shared_ahead, "route_pdl": _route_pdl, "mamba_early": _mamba_early, "down_early": _down_early,
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
     "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null,
-    "down_tiles2": _down_tiles(2), "down_tiles4": _down_tiles(4), "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
+    "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
 }
 
 

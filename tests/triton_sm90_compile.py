@@ -128,7 +128,7 @@ def main() -> int:
                 consts = {"K": 2688, "BLOCK_N": bn, "BLOCK_K": bk, "ROW_DIV": 1 if own_row else 6,
                           "OWN_ROW": own_row, "PARTS": parts, "RELU2": relu2, "GROUPED": grouped, "S_P2": 64,
                           "MG": 16, "IEEE": dt == "fp32", "PDL": parts > 0 and not own_row,
-                          "TRIGGER": not own_row, "WAIT_X": own_row, "EARLY_TILES": 4 if own_row else 1}
+                          "TRIGGER": not own_row, "WAIT_X": own_row}
                 if parts == 0:
                     consts["ws_ptr"] = None
                 results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} "

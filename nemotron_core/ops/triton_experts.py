@@ -46,8 +46,6 @@ SHARED_AHEAD = True
 # On sm_90+: the down projection is launched with PDL behind the up projection, which signals it
 # once its router ids are known; it loads its first weight tile before waiting. A switch for benchmarks.
 DOWN_EARLY = True
-# Weight tiles (of BLOCK_K columns, a power of two) that the early down projection loads before it waits.
-DOWN_EARLY_TILES = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,8 +98,7 @@ def _kernel():
                        stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
                        PARTS: tl.constexpr, RELU2: tl.constexpr, S_P2: tl.constexpr, MG: tl.constexpr,
-                       IEEE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr, WAIT_X: tl.constexpr,
-                       EARLY_TILES: tl.constexpr):
+                       IEEE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr, WAIT_X: tl.constexpr):
         """The slots routed to expert ``e``, computed by the program of the first of them (the others
         return at once): its weight tile is read once per K step and multiplied into all member rows."""
         offs_s = tl.arange(0, S_P2)
@@ -119,18 +116,18 @@ def _kernel():
             rows = _row_of(member, R, ROW_DIV, PARTS, OWN_ROW).to(tl.int64)
             w_base, w_row = _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS)
             acc = tl.zeros((MG, BLOCK_N), dtype=tl.float32)
-            if WAIT_X:  # (see expert_gemv) the first weight tiles while the up projection finishes
-                offs_f = tl.arange(0, BLOCK_K * EARLY_TILES)  # (not offs_k: the loop carries that)
-                w_f = tl.load(w_base + offs_n[:, None] * w_row + offs_f[None, :],
-                              mask=(offs_n[:, None] < N) & (offs_f[None, :] < K), other=0.0)
+            if WAIT_X:  # (see expert_gemv) the first weight tile while the up projection finishes
+                offs_k = tl.arange(0, BLOCK_K)
+                w = tl.load(w_base + offs_n[:, None] * w_row + offs_k[None, :],
+                            mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
                 gdc_wait()
-                x_f = tl.load(x_ptr + rows[:, None] * stride_xm + offs_f[None, :],
-                              mask=valid[:, None] & (offs_f[None, :] < K), other=0.0)
+                xs = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                             mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
                 if IEEE:
-                    acc = tl.dot(x_f, tl.trans(w_f), acc, input_precision="ieee")
+                    acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(x_f, tl.trans(w_f), acc)
-            START: tl.constexpr = BLOCK_K * EARLY_TILES * WAIT_X
+                    acc = tl.dot(xs, tl.trans(w), acc)
+            START: tl.constexpr = BLOCK_K * WAIT_X
             for k0 in range(START, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 xs = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
@@ -159,7 +156,7 @@ def _kernel():
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
                     PARTS: tl.constexpr, RELU2: tl.constexpr, GROUPED: tl.constexpr, S_P2: tl.constexpr,
                     MG: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr,
-                    WAIT_X: tl.constexpr, EARLY_TILES: tl.constexpr):
+                    WAIT_X: tl.constexpr):
         # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
         # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
         # Slot s < R = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
@@ -188,7 +185,7 @@ def _kernel():
         if GROUPED:
             _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, N, K, S, R, E, stride_xm, stride_we,
                            stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n, BLOCK_N, BLOCK_K,
-                           ROW_DIV, OWN_ROW, PARTS, RELU2, S_P2, MG, IEEE, PDL, TRIGGER, WAIT_X, EARLY_TILES)
+                           ROW_DIV, OWN_ROW, PARTS, RELU2, S_P2, MG, IEEE, PDL, TRIGGER, WAIT_X)
             return
         row = _row_of(slot, R, ROW_DIV, PARTS, OWN_ROW).to(tl.int64)
         w_base, w_row = _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS)
@@ -272,8 +269,7 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int 
     launch(x, w, shared_w, experts, out, n, k, rows, routed, w.shape[0],
            x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off, out.stride(0),
            ROW_DIV=row_div or 1, OWN_ROW=row_div is None, PARTS=parts, RELU2=relu2, S_P2=s_p2, MG=mg,
-           IEEE=x.dtype == torch.float32, PDL=pdl, TRIGGER=trigger, WAIT_X=wait_x,
-           EARLY_TILES=DOWN_EARLY_TILES if wait_x else 1, launch_pdl=pdl or wait_x)
+           IEEE=x.dtype == torch.float32, PDL=pdl, TRIGGER=trigger, WAIT_X=wait_x, launch_pdl=pdl or wait_x)
     return out
 
 

@@ -51,11 +51,9 @@ EARLY_SWITCHES = {
                    "MoE combine before it runs", "gemv"),
     "gemv_early_tiles": ("triton_gemv", "EARLY_TILES", "in_proj's split-K GEMV loads its first four weight "
                          "tiles (as one) while the MoE combine before it runs", "gemv"),
-    "down_early_tiles": ("triton_experts", "DOWN_EARLY_TILES", "the expert down-projection loads its first "
-                         "four weight tiles (as one) while the up-projection finishes", "_gemv"),
 }
 # The settings of a switch that is not a flag: (on, off).
-SETTINGS = {"gemv_early_tiles": (4, 1), "down_early_tiles": (4, 1)}
+SETTINGS = {"gemv_early_tiles": (4, 1)}
 
 
 @pytest.mark.parametrize("switch,batch", [(name, batch) for name in sorted(EARLY_SWITCHES) for batch in (1, 2)
