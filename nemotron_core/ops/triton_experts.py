@@ -43,6 +43,9 @@ INTERPRETER_CONFIG = 0
 # dependent launch behind the route kernel, whose start signals it, so the shared expert's programs
 # stream their weights while the routing is computed (``expert_gemv``). A switch for benchmarks.
 SHARED_AHEAD = True
+# A config (``_gemv``'s ``config``) every call takes instead of the autotuner's pick: for benchmarks that
+# compare configs inside the model, where the timings differ from the autotuner's isolated ones.
+FORCE_CONFIG: dict | None = None
 # On sm_90+: the down projection is launched with PDL behind the up projection, which signals it
 # once its router ids are known; it loads its first weight tile before waiting. A switch for benchmarks.
 DOWN_EARLY = True
@@ -250,6 +253,7 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int 
     programmatic dependent launch (see ``expert_gemv``; sm_90+, compiled).
     """
     experts_kernel, plain_kernel, cdiv = _kernel()
+    config = config or FORCE_CONFIG
     n, k = w.shape[1], w.shape[2]
     routed = experts.shape[0]
     rows = routed + tokens * parts
