@@ -29,8 +29,9 @@ MAX_GROUP_TILE = 8192
 # GROUPED: one program per (expert, N block) serves every slot routed to that expert, reading its
 # weights once (tensor-core dot over the member rows) instead of once per slot: less weight traffic
 # with several tokens per step (batch 8: ~48 slots on ~41 distinct experts). On the H200 it also won
-# at batch 1 (6 slots): (32, 128, 4) for both projections there, (64, 256, 8) and (64, 128, 4) for
-# the up and down projections at batch 8 (BENCHMARKS.md). Plain per-slot tiles remain for fp32 and
+# at batch 1 (6 slots): the ninth session's fresh autotune picked (64, 128, 4) for both projections at
+# batch 1 and 8, which beat (32, 128, 4) inside the model by 0.6-1% (BENCHMARKS.md); a pick timed in
+# another process's isolated call (a test's) left batch 1 10% slower. Plain per-slot tiles remain for fp32 and
 # other shapes; 8 warps keep more bytes in flight per SM than 4. Thirteen other plain tiles, and a
 # variant that reduced across K once at the end, never won on the H200 and were dropped.
 _PLAIN_TILES = ((32, 256, 8), (16, 512, 8))
