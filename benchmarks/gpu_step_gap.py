@@ -139,10 +139,10 @@ def main() -> None:
             if args.trace:
                 tl = _timeline(graph, rewind)
                 results[key]["timeline"] = tl
-                print(f"{key} timeline: " + ", ".join(f"{k} {v}" for k, v in tl.items() if k not in ("per_kernel", "sequence")))
+                summary = {k: v for k, v in tl.items() if k not in ("per_kernel", "sequence")}
+                print(f"{key} timeline: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
                 for name, d in list(tl.get("per_kernel", {}).items())[:25]:
                     print(f"   {name:60s} {d}")
-            del dec, graph
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -439,7 +439,7 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
     ids, mask = left_pad(prompts, pad_id, device)
     # Greedy without a penalty: the pick is captured with the step (see Decoder.greedy_step).
     greedy_fused = (GREEDY_IN_GRAPH and cfg.greedy and cfg.repetition_penalty == 1.0
-                and len(cfg.eos_token_ids) <= MAX_EOS)
+                    and len(cfg.eos_token_ids) <= MAX_EOS)
     seen = None
     if cfg.repetition_penalty != 1.0:
         seen = torch.zeros(bsz, model.config.vocab_size, dtype=torch.bool, device=device)
