@@ -119,6 +119,21 @@ def _expert_64(model, on: bool) -> None:
     triton_experts.FORCE_CONFIG = {**_EXPERT_32, "BLOCK_N": 64} if on else _EXPERT_32
 
 
+def _expert_64_256(model, on: bool) -> None:
+    """The expert GEMVs on grouped 64 x 256 tiles (8 warps), against grouped 64 x 128 (4 warps)."""
+    from nemotron_core.ops import triton_experts
+
+    triton_experts.FORCE_CONFIG = ({**_EXPERT_32, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8} if on
+                                   else {**_EXPERT_32, "BLOCK_N": 64})
+
+
+def _expert_pin64(model, on: bool) -> None:
+    """The expert GEMVs on grouped 64 x 128 tiles (4 warps), against the autotuner's picks."""
+    from nemotron_core.ops import triton_experts
+
+    triton_experts.FORCE_CONFIG = {**_EXPERT_32, "BLOCK_N": 64} if on else None
+
+
 def _greedy_in_graph(model, on: bool) -> None:
     """Greedy decoding with the pick and the bookkeeping captured in the step's graph, against the
     plain step's graph with torch ops between replays."""
@@ -170,7 +185,8 @@ SWITCHES = {
     "shared_ahead": _shared_ahead, "route_pdl": _route_pdl, "mamba_early": _mamba_early, "down_early": _down_early,
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
     "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null,
-    "expert_autotuned": _expert_autotuned, "expert_64": _expert_64, "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
+    "expert_autotuned": _expert_autotuned, "expert_64": _expert_64, "expert_64_256": _expert_64_256,
+    "expert_pin64": _expert_pin64, "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
 }
 
 
