@@ -81,4 +81,37 @@ def main() -> None:
 
         register_completion_classes()
     # A fixed prog_name keeps usage lines and the completion variable right under `python -m`.
-    app(prog_name="nemotron")
+    # standalone_mode=False hands usage errors back here, so that they read like every other
+    # error: one line on stderr, exit 2 (Click's own is a usage line, a hint and a framed box).
+    import sys
+
+    # The Click that Typer runs on (its own copy since Typer 0.22), reached through a class Typer exports.
+    errors = sys.modules[typer.BadParameter.__module__]
+    try:
+        code = app(prog_name="nemotron", standalone_mode=False)
+    except getattr(errors, "NoArgsIsHelpError", ()) as e:  # a bare command: its help, as Typer shows it
+        _show_click_error(e)
+        sys.exit(e.exit_code)
+    except errors.UsageError as e:
+        print(usage_line(e), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except errors.ClickException as e:
+        _show_click_error(e)
+        sys.exit(e.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_line(e: Exception) -> str:
+    """A usage error (Click's ``UsageError``) as one line: ``error: <what is wrong> (try 'nemotron CMD -h')``."""
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None else "nemotron"
+    return f"error: {' '.join(e.format_message().split())} (try '{where} -h')"
+
+
+def _show_click_error(e: Exception) -> None:
+    from typer import rich_utils
+
+    rich_utils.rich_format_error(e)

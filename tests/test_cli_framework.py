@@ -133,6 +133,27 @@ def test_unknown_option_is_a_usage_error() -> None:
     assert run_nemotron("no-such-command").returncode == EXIT_USAGE
 
 
+@pytest.mark.parametrize("args,says", [
+    (("env", "--bogus"), "error: No such option: --bogus (try 'nemotron env -h')"),
+    (("no-such-command",), "error: No such command 'no-such-command'. (try 'nemotron -h')"),
+    (("generate", "m", "--dtype", "fp9"), "error: Invalid value for '--dtype': "),
+    (("generate", "m", "--max-new-tokens", "abc"), "error: Invalid value for '--max-new-tokens' / '-n': "),
+    (("generate",), "error: Missing argument 'model'. (try 'nemotron generate -h')"),
+])
+def test_usage_errors_are_one_line(args: tuple[str, ...], says: str) -> None:
+    """A usage error reads like every other error: one line on stderr, naming the problem, exit 2."""
+    proc = run_nemotron(*args)
+    assert proc.returncode == EXIT_USAGE
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(says), proc.stderr
+    assert proc.stdout == ""
+
+
+def test_bare_command_still_shows_help() -> None:
+    proc = run_nemotron()
+    assert proc.returncode == EXIT_USAGE  # (Click's code for a group run without a command)
+    assert "Usage: nemotron [OPTIONS] COMMAND" in proc.stdout + proc.stderr and "generate" in proc.stdout + proc.stderr
+
+
 # --- (c) exit codes and error lines, on a throwaway app using cli_command ------------------------
 
 def _make_app() -> typer.Typer:
