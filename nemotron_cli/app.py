@@ -108,7 +108,9 @@ def usage_line(e: Exception) -> str:
     """A usage error (Click's ``UsageError``) as one line: ``error: <what is wrong> (try 'nemotron CMD -h')``."""
     ctx = getattr(e, "ctx", None)
     where = ctx.command_path if ctx is not None else "nemotron"
-    return f"error: {' '.join(e.format_message().split())} (try '{where} -h')"
+    # (Typer's value checks prefix pydantic's "Value error, ", which says nothing here.)
+    message = " ".join(e.format_message().replace("Value error, ", "").split())
+    return f"error: {message} (try '{where} -h')"
 
 
 def _show_click_error(e: Exception) -> None:

@@ -136,7 +136,8 @@ def test_unknown_option_is_a_usage_error() -> None:
 @pytest.mark.parametrize("args,says", [
     (("env", "--bogus"), "error: No such option: --bogus (try 'nemotron env -h')"),
     (("no-such-command",), "error: No such command 'no-such-command'. (try 'nemotron -h')"),
-    (("generate", "m", "--dtype", "fp9"), "error: Invalid value for '--dtype': "),
+    (("generate", "m", "--dtype", "fp9"),
+     "error: Invalid value for '--dtype': 'fp9' is not one of 'bf16', 'fp16', 'fp32'. (try 'nemotron generate -h')"),
     (("generate", "m", "--max-new-tokens", "abc"), "error: Invalid value for '--max-new-tokens' / '-n': "),
     (("generate",), "error: Missing argument 'model'. (try 'nemotron generate -h')"),
 ])
