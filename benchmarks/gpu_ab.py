@@ -102,6 +102,7 @@ def _early_tiles(tiles: int):
 
 
 _EXPERT_32 = {"BLOCK_N": 32, "BLOCK_K": 128, "GROUPED": True, "num_warps": 4}
+_EXPERT_64 = {**_EXPERT_32, "BLOCK_N": 64}
 
 
 def _expert_autotuned(model, on: bool) -> None:
@@ -116,22 +117,21 @@ def _expert_64(model, on: bool) -> None:
     """The expert GEMVs on grouped 64 x 128 tiles (4 warps), against grouped 32 x 128."""
     from nemotron_core.ops import triton_experts
 
-    triton_experts.FORCE_CONFIG = {**_EXPERT_32, "BLOCK_N": 64} if on else _EXPERT_32
+    triton_experts.FORCE_CONFIG = _EXPERT_64 if on else _EXPERT_32
 
 
 def _expert_64_256(model, on: bool) -> None:
     """The expert GEMVs on grouped 64 x 256 tiles (8 warps), against grouped 64 x 128 (4 warps)."""
     from nemotron_core.ops import triton_experts
 
-    triton_experts.FORCE_CONFIG = ({**_EXPERT_32, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 8} if on
-                                   else {**_EXPERT_32, "BLOCK_N": 64})
+    triton_experts.FORCE_CONFIG = {**_EXPERT_64, "BLOCK_K": 256, "num_warps": 8} if on else _EXPERT_64
 
 
 def _expert_pin64(model, on: bool) -> None:
     """The expert GEMVs on grouped 64 x 128 tiles (4 warps), against the autotuner's picks."""
     from nemotron_core.ops import triton_experts
 
-    triton_experts.FORCE_CONFIG = {**_EXPERT_32, "BLOCK_N": 64} if on else None
+    triton_experts.FORCE_CONFIG = _EXPERT_64 if on else None
 
 
 def _greedy_in_graph(model, on: bool) -> None:

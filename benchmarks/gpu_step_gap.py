@@ -10,13 +10,12 @@ input and the position update. This times, per decode step, in one process:
 
 each with the plain step's graph and with the greedy pick captured in the graph
 (``generation.GREEDY_IN_GRAPH``). The difference between the first two is what the work between
-replays costs a step. ``--trace``
-also records one replay's kernels (torch's profiler, CUPTI) and reports the step's timeline: its
-span, the time some kernel ran (the union of their intervals), the idle gaps, and per kernel name
-the time and the gaps before it; a kernel that starts before the previous one ends (programmatic
-dependent launch) has a negative gap.
+replays costs a step. ``--trace`` also records one replay's kernels (torch's profiler, CUPTI) and
+reports the step's timeline: its span, the time some kernel ran (the union of their intervals), the
+idle gaps, and per kernel name the time and the gaps before it; a kernel that starts before the
+previous one ends (programmatic dependent launch) has a negative gap.
 
-    python benchmarks/gpu_step_gap.py [--batch 1 8] [--out gap.json]
+    python benchmarks/gpu_step_gap.py [--batch 1 8] [--trace] [--out gap.json]
 """
 from __future__ import annotations
 
@@ -87,6 +86,7 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true", help="also the timeline of one replay (profiler)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from nemotron_core import generation
     from nemotron_core.create import build_config, random_model
     from nemotron_core.generation import Decoder, SamplingConfig, generate
 
@@ -94,8 +94,6 @@ def main() -> None:
     model = random_model(config, torch.bfloat16, seed=0, device="cuda").eval()
     g = torch.Generator().manual_seed(0)
     results: dict = {"device": torch.cuda.get_device_name(), "preset": args.preset, "new_tokens": args.new}
-    from nemotron_core import generation
-
     for batch in args.batch:
         prompts = torch.randint(3, config.vocab_size, (batch, 128), generator=g).tolist()
         cfg = SamplingConfig(max_new_tokens=args.new, do_sample=False, eos_token_ids=[])
