@@ -110,6 +110,7 @@ def _expert_autotuned(model, on: bool) -> None:
     the pick recorded for batch 1 on the H200."""
     from nemotron_core.ops import triton_experts
 
+    triton_experts.PIN = False
     triton_experts.FORCE_CONFIG = None if on else _EXPERT_32
 
 
@@ -127,11 +128,13 @@ def _expert_64_256(model, on: bool) -> None:
     triton_experts.FORCE_CONFIG = {**_EXPERT_64, "BLOCK_K": 256, "num_warps": 8} if on else _EXPERT_64
 
 
-def _expert_pin64(model, on: bool) -> None:
-    """The expert GEMVs on grouped 64 x 128 tiles (4 warps), against the autotuner's picks."""
+def _expert_pin(model, on: bool) -> None:
+    """The expert GEMVs on the config pinned for this GPU (``triton_experts.PINNED``), against the
+    autotuner's picks."""
     from nemotron_core.ops import triton_experts
 
-    triton_experts.FORCE_CONFIG = _EXPERT_64 if on else None
+    triton_experts.FORCE_CONFIG = None
+    triton_experts.PIN = on
 
 
 def _greedy_in_graph(model, on: bool) -> None:
@@ -186,8 +189,25 @@ SWITCHES = {
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
     "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null,
     "expert_autotuned": _expert_autotuned, "expert_64": _expert_64, "expert_64_256": _expert_64_256,
-    "expert_pin64": _expert_pin64, "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
+    "expert_pin": _expert_pin, "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
 }
+
+
+def _settings(model) -> list:
+    """The switchable state (the upper-case names of the modules the switches set, and the model's
+    linear backend), so that each switch's A/B ends where it began: the next one measures the default."""
+    import importlib
+
+    names = ("generation", "modeling.model", "ops.triton_decode_attn", "ops.triton_experts", "ops.triton_gemv",
+             "ops.triton_mamba_step", "ops.triton_moe", "ops.triton_sorted_experts")
+    modules = [importlib.import_module(f"nemotron_core.{n}") for n in names]
+    state = [(m, k, v) for m in modules for k, v in vars(m).items() if k.isupper()]
+    return state + [(model.model.backend, "linear", model.model.backend.linear)]
+
+
+def _restore(state: list) -> None:
+    for owner, name, value in state:
+        setattr(owner, name, value)
 
 
 def main() -> None:
@@ -204,8 +224,10 @@ def main() -> None:
     model = random_model(config, torch.bfloat16, seed=0, device="cuda").eval()
     g = torch.Generator().manual_seed(0)
     results: dict = {"device": torch.cuda.get_device_name(), "preset": args.preset}
+    defaults = _settings(model)
     for switch in args.switch:
         for batch, new in ((1, 64), (8, 32)):
+            _restore(defaults)
             prompts = torch.randint(3, config.vocab_size, (batch, 128), generator=g).tolist()
             cfg = SamplingConfig(max_new_tokens=new, do_sample=False, eos_token_ids=[])
             decoders = {}

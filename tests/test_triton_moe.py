@@ -277,6 +277,22 @@ def test_shared_parts_refuse_what_does_not_cut() -> None:
                                     torch.ones(1, 1, device=DEVICE), up, down, shared_mlp=(s_up, s_down))
 
 
+def test_decode_expert_config_is_pinned_per_architecture(monkeypatch) -> None:
+    # On an H100/H200 (sm_90) the decode calls take the config measured inside the model, whatever
+    # another process's autotuning left on disk; elsewhere, on CPU and with PIN off, the autotuner's.
+    monkeypatch.setattr(triton_moe, "interpreting", lambda: False)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert triton_experts.pinned_config(cuda) == triton_experts.PINNED[(9, 0)]
+    assert triton_experts.pinned_config(cuda)["GROUPED"]
+    assert triton_experts.pinned_config(torch.device("cpu")) is None
+    monkeypatch.setattr(triton_experts, "PIN", False)
+    assert triton_experts.pinned_config(cuda) is None
+    monkeypatch.setattr(triton_experts, "PIN", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert triton_experts.pinned_config(cuda) is None
+
+
 @pytest.mark.skipif(CUDA, reason="tests/gpu covers the CUDA model path")
 @torch.no_grad()
 def test_moe_block_runs_shared_expert_inside_the_decode_gemv(monkeypatch) -> None:

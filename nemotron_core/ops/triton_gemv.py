@@ -33,7 +33,7 @@ import functools
 
 import torch
 
-from .triton_moe import interpreting, pdl_launch, usable
+from .triton_moe import dot_t, interpreting, pdl_launch, usable
 
 # Launch configs (BLOCK_N, BLOCK_K, SPLIT, warps, stages) the autotuner picks from per (N, K).
 # SPLIT 1 serves wide projections (the Mamba in_proj, 10304 rows, and the LM head); the others
@@ -79,6 +79,8 @@ def _kernel():
     import triton.language as tl
     import triton.testing
 
+    _dot_t = dot_t()
+
     @triton.jit
     def _epilogue(y, res_ptr, out_ptr, offs_n, mask_n, RELU2: tl.constexpr, HAS_RES: tl.constexpr):
         if RELU2:  # the MLP activation, relu(y)^2
@@ -116,10 +118,7 @@ def _kernel():
             gdc_wait()
             x_f = tl.load(x_ptr + rows[:, None] * 0 + offs_f[None, :], mask=(rows[:, None] == 0) & in_f[None, :],
                           other=0.0)
-            if IEEE:
-                acc = tl.dot(x_f, tl.trans(w_f), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x_f, tl.trans(w_f), acc)
+            acc = _dot_t(x_f, w_f, acc, IEEE)
         START: tl.constexpr = BLOCK_K * EARLY_TILES * WAIT
         for k0 in range(START, (K + SPLIT - 1) // SPLIT, BLOCK_K):  # this split's K range
             offs_k = pid_k * ((K + SPLIT - 1) // SPLIT) + k0 + tl.arange(0, BLOCK_K)
@@ -128,10 +127,7 @@ def _kernel():
                          other=0.0)
             w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                         mask=mask_n[:, None] & in_k[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xs, tl.trans(w), acc)
+            acc = _dot_t(xs, w, acc, IEEE)
         y = tl.sum(acc, axis=0)  # row 0 (the others are 0)
         _finish(y, res_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_k, offs_n, mask_n, N, SPLIT, RELU2, HAS_RES)
 
@@ -180,7 +176,7 @@ def _kernel():
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     # The interpreter resolves names through the module's globals.
-    globals().update(tl=tl, _epilogue=_epilogue, _finish=_finish, gdc_wait=gdc_wait,
+    globals().update(tl=tl, _dot_t=_dot_t, _epilogue=_epilogue, _finish=_finish, gdc_wait=gdc_wait,
                      gdc_launch_dependents=gdc_launch_dependents)
     _preload.append(gemv_preload)
     if interpreting():

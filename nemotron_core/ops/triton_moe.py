@@ -114,6 +114,25 @@ def _next_pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def dot_t():
+    """The GEMV kernels' tile product ``acc + x @ w.T``, a Triton jit helper: fp32 inputs (``IEEE``) at
+    full precision (tl.dot would take TF32 for them), 16-bit ones as they are (their products are exact
+    in the fp32 accumulator)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dot_t(x, w, acc, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            return tl.dot(x, tl.trans(w), acc)
+
+    globals().update(tl=tl)  # (the interpreter resolves the helper's names here)
+    return _dot_t
+
+
+@functools.lru_cache(maxsize=None)
 def _kernels():
     import triton
     import triton.language as tl

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .triton_moe import _next_pow2, combine_triton, interpreting, usable
+from .triton_moe import _next_pow2, combine_triton, dot_t, interpreting, usable
 
 # Above this many (token, expert) slots the grouped GEMM takes over (see the module docstring).
 MAX_SLOTS = 8192
@@ -41,6 +41,9 @@ def _kernel():
     import triton
     import triton.language as tl
     import triton.testing
+
+    _dot_t = dot_t()
+    globals().update(tl=tl, _dot_t=_dot_t)  # (the interpreter resolves the kernel's names here)
 
     @triton.jit
     def expert_gemm_sorted(x_ptr, w_ptr, order_ptr, count_ptr, out_ptr, N, K: tl.constexpr, E, stride_xm,
@@ -79,10 +82,7 @@ def _kernel():
                              mask=live[:, None] & (offs_k[None, :] < K), other=0.0)
                 w = tl.load(w_base + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)
-                if IEEE:
-                    acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xs, tl.trans(w), acc)
+                acc = _dot_t(xs, w, acc, IEEE)
             if RELU2:
                 acc = tl.maximum(acc, 0.0)
                 acc = acc * acc
