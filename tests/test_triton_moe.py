@@ -216,7 +216,6 @@ def test_loop_experts_add_shared_in_fp32() -> None:
 @torch.no_grad()
 def test_model_decode_with_triton_linear_matches_torch_linear() -> None:
     """The whole decode path with every projection on the GEMV: same logits as F.linear (fp32)."""
-    from nemotron_core.backend import BackendConfig
     from nemotron_core.create import build_config, random_model
     from nemotron_core.generation import Decoder
     from nemotron_core.modeling.linear import Linear
