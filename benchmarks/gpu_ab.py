@@ -137,6 +137,16 @@ def _expert_pin(model, on: bool) -> None:
     triton_experts.PIN = on
 
 
+def _gemv_split1(model, on: bool) -> None:
+    """The wide split-K GEMVs (in_proj, the LM head) on their pinned config (one split), against two
+    splits: the two picks the autotuner made for in_proj in two runs on the H200."""
+    from nemotron_core.ops import triton_gemv
+
+    cap = torch.cuda.get_device_capability()
+    one = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT": 1, "num_warps": 4, "num_stages": 4}
+    triton_gemv.PINNED = {cap: one if on else {**one, "SPLIT": 2}}
+
+
 def _greedy_in_graph(model, on: bool) -> None:
     """Greedy decoding with the pick and the bookkeeping captured in the step's graph, against the
     plain step's graph with torch ops between replays."""
@@ -189,7 +199,7 @@ SWITCHES = {
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
     "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null,
     "expert_autotuned": _expert_autotuned, "expert_64": _expert_64, "expert_64_256": _expert_64_256,
-    "expert_pin": _expert_pin, "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
+    "expert_pin": _expert_pin, "gemv_split1": _gemv_split1, "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
 }
 
 

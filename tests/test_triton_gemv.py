@@ -79,3 +79,21 @@ def test_register_preload_kernel(epilogue: str) -> None:
         got = triton_gemv.gemv(x, w, res, relu2=epilogue == "relu2")
         assert tiny.rel_err(want, got) <= 1e-6
     assert int(triton_gemv._counters(torch.device(DEVICE))[:3].abs().sum()) == 0
+
+
+def test_wide_projections_take_the_pinned_config_on_sm90(monkeypatch) -> None:
+    # in_proj (10304 outputs) and the LM head on an H100/H200 take the config measured in the model,
+    # not whichever of two close configs the autotuner timed faster in this process; narrower
+    # projections, other architectures, the CPU and PIN off keep the autotuner.
+    monkeypatch.setattr(triton_gemv, "interpreting", lambda: False)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert triton_gemv.pinned_config(cuda, 10304) == triton_gemv.PINNED[(9, 0)]
+    assert triton_gemv.pinned_config(cuda, 10304)["SPLIT"] == 1
+    assert triton_gemv.pinned_config(cuda, 4608) is None
+    assert triton_gemv.pinned_config(torch.device("cpu"), 10304) is None
+    monkeypatch.setattr(triton_gemv, "PIN", False)
+    assert triton_gemv.pinned_config(cuda, 10304) is None
+    monkeypatch.setattr(triton_gemv, "PIN", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert triton_gemv.pinned_config(cuda, 10304) is None

@@ -59,6 +59,17 @@ EARLY = True
 # the H200, batch 1 against one tile: 2 tiles +0.35%, 4 tiles +1.0% (three A/Bs), 8 tiles -3% (the
 # registers held cost resident programs); batch 8 unchanged (``benchmarks/gpu_ab.py --switch early_tiles4``).
 EARLY_TILES = 4
+# The split-K kernel's config for wide projections (at least PIN_MIN_ROWS outputs: the Nano model's
+# in_proj, 10304 x 2688, and the LM head), per GPU architecture (compute capability), taken instead of
+# the autotuner's pick. Timed alone, one split and two are close: the autotuner took SPLIT 1 for in_proj
+# in one run on the H200 and SPLIT 2 in the next. In the model in_proj starts early behind the MoE
+# combine, and SPLIT 2's twice as many programs take SM slots that the combine needs (3.7 -> 5.8 us a
+# call in the graph's timeline): batch 1 ran 5% slower (BENCHMARKS.md, tenth session). With 322 row
+# blocks of 32 (over two waves on 132 SMs) a split buys nothing. PIN: a switch for benchmarks.
+PINNED: dict[tuple[int, int], dict] = {
+    (9, 0): {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT": 1, "num_warps": 4, "num_stages": 4}}
+PIN_MIN_ROWS = 8192
+PIN = True
 
 
 def preload_split(n: int, k: int, elem: int) -> int:
@@ -197,6 +208,14 @@ def _counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(_MAX_BLOCKS, dtype=torch.int32, device=device)
 
 
+def pinned_config(device: torch.device, n: int) -> dict | None:
+    """The pinned config of an ``n``-output projection on ``device`` (``PINNED``), or None: the
+    autotuner's."""
+    if not PIN or n < PIN_MIN_ROWS or device.type != "cuda" or interpreting():
+        return None
+    return PINNED.get(torch.cuda.get_device_capability(device))
+
+
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``gemv`` takes ``x`` (one row, ``[..., K]``) against ``weight [N, K]``."""
     return (x.numel() == x.shape[-1] == weight.shape[1] and weight.dim() == 2 and x.dtype == weight.dtype
@@ -227,6 +246,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
             x, weight, res, out, part, _counters(x.device), n, k, weight.stride(0), BLOCK_N=_PRELOAD_BLOCK_N,
             SPLIT=split, RELU2=relu2, HAS_RES=residual is not None, PDL=pdl, num_warps=8, launch_pdl=pdl)
         return out.view(*lead, n)
+    config = config or pinned_config(x.device, n)
     if config is None and interpreting():
         bn, bk, sp, w, st = _CONFIGS[INTERPRETER_CONFIG]
         config = {"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp, "num_warps": w, "num_stages": st}
