@@ -147,6 +147,32 @@ def _gemv_split1(model, on: bool) -> None:
     triton_gemv.PINNED = {cap: one if on else {**one, "SPLIT": 2}}
 
 
+def _pinned_wide(**change):
+    def switch(model, on: bool) -> None:
+        # The wide split-K GEMVs (in_proj, the LM head) on their pinned config changed by `change`,
+        # against the pinned config.
+        from nemotron_core.ops import triton_gemv
+
+        cap = torch.cuda.get_device_capability()
+        pinned = triton_gemv.PINNED[cap]
+        triton_gemv.PINNED = {cap: {**pinned, **change} if on else pinned}
+
+    return switch
+
+
+def _module_value(module: str, name: str, value):
+    import importlib
+
+    mod = importlib.import_module(f"nemotron_core.ops.{module}")
+    default = getattr(mod, name)
+
+    def switch(model, on: bool) -> None:
+        # A module constant at `value`, against its default.
+        setattr(mod, name, value if on else default)
+
+    return switch
+
+
 def _greedy_in_graph(model, on: bool) -> None:
     """Greedy decoding with the pick and the bookkeeping captured in the step's graph, against the
     plain step's graph with torch ops between replays."""
@@ -199,7 +225,13 @@ SWITCHES = {
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
     "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null,
     "expert_autotuned": _expert_autotuned, "expert_64": _expert_64, "expert_64_256": _expert_64_256,
-    "expert_pin": _expert_pin, "gemv_split1": _gemv_split1, "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
+    "expert_pin": _expert_pin, "gemv_split1": _gemv_split1,
+    "gemv_wide_64": _pinned_wide(BLOCK_N=64), "gemv_wide_k256": _pinned_wide(BLOCK_K=256, num_stages=3),
+    "router_slice512": _module_value("triton_router", "SLICE_K", 512),
+    "router_slice_e16": _module_value("triton_router", "SLICE_E", 16),
+    "combine_warps8": _module_value("triton_moe", "NORM_WARPS", 8),
+    "combine_warps2": _module_value("triton_moe", "NORM_WARPS", 2),
+    "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
 }
 
 
@@ -209,7 +241,7 @@ def _settings(model) -> list:
     import importlib
 
     names = ("generation", "modeling.model", "ops.triton_decode_attn", "ops.triton_experts", "ops.triton_gemv",
-             "ops.triton_mamba_step", "ops.triton_moe", "ops.triton_sorted_experts")
+             "ops.triton_mamba_step", "ops.triton_moe", "ops.triton_router", "ops.triton_sorted_experts")
     modules = [importlib.import_module(f"nemotron_core.{n}") for n in names]
     state = [(m, k, v) for m in modules for k, v in vars(m).items() if k.isupper()]
     return state + [(model.model.backend, "linear", model.model.backend.linear)]
