@@ -210,15 +210,15 @@ def main() -> int:
                                    {"SPLITS": splits, "D": 128, "BLOCK_S": min(16, triton_moe._next_pow2(splits)),
                                     "TRIGGER": dt == "bf16"}, 2))
     step = triton_mamba_step._kernel()
-    for dt, block_p, trigger in (("bf16", 32, 1), ("bf16", 64, 2), ("fp32", 64, 0)):
+    for dt, block_p in (("bf16", 32), ("bf16", 64), ("fp32", 64)):
         sig = {**ptrs("zx_ptr cst_ptr cw_ptr cb_ptr", dt), **ptrs("sst_ptr A_ptr D_ptr dtb_ptr", "fp32"),
                "nw_ptr": f"*{dt}", "out_ptr": f"*{dt}", **ptrs("gated_ptr sq_ptr", "fp32"), "count_ptr": "*i32",
                **{n: "fp32" for n in ("dt_min", "dt_max", "eps")},
                **ints("stride_zb stride_cb stride_cc stride_ck stride_wc stride_wk stride_sb stride_sh stride_sp "
                       "stride_sn stride_ob")}
         consts = {"H": 64, "G": 8, "P": 64, "N": 128, "K": 4, "KP": 4, "BLOCK_P": block_p, "HAS_BIAS": True,
-                  "TRIGGER": trigger, "WAIT": dt == "bf16"}
-        results.append(compile_one(f"mamba_step {dt} block_p={block_p} trigger={trigger}", step, sig, consts, 4))
+                  "TRIGGER": dt == "bf16", "WAIT": dt == "bf16"}
+        results.append(compile_one(f"mamba_step {dt} block_p={block_p}", step, sig, consts, 4))
     argmax_partials, advance, _ = triton_pick._kernels()
     for dt in ("bf16", "fp32"):
         sig = {"logits_ptr": f"*{dt}", "val_ptr": "*fp32", "idx_ptr": "*i32", **ints("V stride_l NB")}

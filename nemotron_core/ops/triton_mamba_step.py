@@ -44,11 +44,6 @@ ENABLED: bool | None = None
 # Under PDL: launched to start while in_proj's GEMV still runs (it signals at its start), loading the
 # SSM state before waiting for it. A switch for benchmarks.
 EARLY = True
-# Under PDL the step lets out_proj's GEMV start (and load its weights into registers): at its own start
-# (False), while in_proj's GEMV still streams its weights, or only once in_proj is done and the step has
-# waited for it (True): out_proj's 22 MB then stream while the step's latency-bound work runs instead
-# of beside in_proj's. A switch for benchmarks.
-TRIGGER_AFTER_WAIT = False
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_GROUPS = 1 << 16  # (row, norm group) counters per device
 
@@ -87,9 +82,7 @@ def _kernel():
                    H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                    KP: tl.constexpr, BLOCK_P: tl.constexpr, HAS_BIAS: tl.constexpr, TRIGGER: tl.constexpr,
                    WAIT: tl.constexpr):
-        # TRIGGER 1: let the next kernel (out_proj's GEMV) start loading its weights now; 2: once this
-        # kernel has waited for in_proj (TRIGGER_AFTER_WAIT).
-        if TRIGGER == 1:
+        if TRIGGER:  # let the next kernel (out_proj's GEMV) start loading its weights now
             gdc_launch_dependents()
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) // (P // BLOCK_P)
@@ -113,8 +106,6 @@ def _kernel():
         dt_bias = tl.load(dtb_ptr + h).to(tl.float32)
         if WAIT:
             gdc_wait()
-        if TRIGGER == 2:
-            gdc_launch_dependents()
         x, x_state = _conv(zx + DI, cst, cw_ptr, cb_ptr, offs_p, stride_cc, stride_ck, stride_wc, stride_wk,
                            K, KP, HAS_BIAS)
         B, b_state = _conv(zx + DI, cst, cw_ptr, cb_ptr, offs_b, stride_cc, stride_ck, stride_wc, stride_wk,
@@ -223,7 +214,7 @@ def mamba_step(zxbcdt: torch.Tensor, conv_state: torch.Tensor, conv_weight: torc
         conv_weight.stride(0), conv_weight.stride(1), ssm_state.stride(0), ssm_state.stride(1),
         ssm_state.stride(2), ssm_state.stride(3), out.stride(0),
         H=heads, G=n_groups, P=p, N=n, K=k, KP=_next_pow2(k), BLOCK_P=block_p, HAS_BIAS=conv_bias is not None,
-        TRIGGER=(2 if TRIGGER_AFTER_WAIT else 1) if pdl else 0, WAIT=wait, launch_pdl=wait, num_warps=4)
+        TRIGGER=pdl, WAIT=wait, launch_pdl=wait, num_warps=4)
     return out
 
 

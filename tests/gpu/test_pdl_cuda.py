@@ -53,8 +53,6 @@ EARLY_SWITCHES = {
                          "tiles (as one) while the MoE combine before it runs", "gemv"),
     "combine_trigger_late": ("triton_moe", "COMBINE_TRIGGER_LATE", "the MoE combine lets in_proj's GEMV start "
                              "only once its output is stored", "combine_triton"),
-    "mamba_trigger_late": ("triton_mamba_step", "TRIGGER_AFTER_WAIT", "the fused Mamba step lets out_proj's "
-                           "GEMV start only once in_proj is done", "mamba_step"),
 }
 # The settings of a switch that is not a flag: (on, off).
 SETTINGS = {"gemv_early_tiles": (4, 1)}
