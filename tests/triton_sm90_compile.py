@@ -88,14 +88,13 @@ def main() -> int:
     sig = {**ptrs("y_ptr shared_ptr out_ptr g_ptr normed_ptr", "bf16"), "pos_ptr": "*i64", "w_ptr": "*fp32",
            **ints("N H"), **ints("stride_y stride_pt stride_pk stride_wt stride_wk stride_s stride_o stride_n"),
            "eps": "fp32"}
-    for implicit, shared, parts, norm, trigger in ((True, True, 0, False, 0), (False, False, 0, False, 0),
-                                                   (True, True, 2, False, 0), (True, True, 2, True, 1),
-                                                   (True, True, 2, True, 2)):
-        results.append(compile_one(f"moe_combine implicit={implicit} shared={shared} parts={parts} next_norm={norm} "
-                                   f"trigger={trigger}", combine, sig,
+    for implicit, shared, parts, norm in ((True, True, 0, False), (False, False, 0, False), (True, True, 2, False),
+                                          (True, True, 2, True)):
+        results.append(compile_one(f"moe_combine implicit={implicit} shared={shared} parts={parts} next_norm={norm}",
+                                   combine, sig,
                                    {"TOPK": 6, "IMPLICIT_POS": implicit, "HAS_SHARED": shared, "PARTS": parts,
                                     "BLOCK_T": 1 if norm else 16, "BLOCK_H": 4096 if norm else 256,
-                                    "NEXT_NORM": norm, "TRIGGER": trigger}, 8 if norm else 4))
+                                    "NEXT_NORM": norm, "TRIGGER": norm}, 8 if norm else 4))
 
     partials, _ = triton_router._partials_kernel()
     sig = {**ptrs("x_ptr xn_ptr g_ptr", "bf16"), "w_ptr": "*fp32", "out_ptr": "*fp32",

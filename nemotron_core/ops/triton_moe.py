@@ -107,10 +107,6 @@ def usable(t: torch.Tensor) -> bool:
 # Warps of a combine that also normalises (one program holds a whole row of the hidden size): on the
 # H200 at batch 1, 2.4 us a call with 4 warps, 2.5 with 8, 3.0 with 16 (benchmarks/gpu_gemv_sweep.py).
 NORM_WARPS = 4
-# Under PDL the combine lets the next block's in_proj GEMV start (and load its first weight tiles): at
-# its own start (False), or only once it has stored its output, before the next block's norm (True),
-# so that those tiles' loads do not queue ahead of the combine's own. A switch for benchmarks.
-COMBINE_TRIGGER_LATE = False
 
 
 def _next_pow2(n: int) -> int:
@@ -208,9 +204,7 @@ def _kernels():
                     TOPK: tl.constexpr, IMPLICIT_POS: tl.constexpr, HAS_SHARED: tl.constexpr,
                     PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NEXT_NORM: tl.constexpr,
                     TRIGGER: tl.constexpr):
-        # TRIGGER 1: the next block's projection (a split-K GEMV launched with PDL) may start now; 2:
-        # once the output is stored (see COMBINE_TRIGGER_LATE).
-        if TRIGGER == 1:
+        if TRIGGER:  # the next block's projection (a split-K GEMV launched with PDL) may start now
             gdc_launch_dependents()
         # int64 row indices: tokens * k * hidden passes 2**31 at long prefills.
         offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -237,8 +231,6 @@ def _kernels():
             acc += shared.to(tl.float32)
         out = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs_t[:, None] * stride_o + offs_h[None, :], out, mask=mask)
-        if TRIGGER == 2:
-            gdc_launch_dependents()
         if NEXT_NORM:
             # The next block's RMSNorm of the rounded output, as its norm kernel would compute it
             # (the program holds whole rows: BLOCK_H >= H): one kernel fewer per MoE block at decode.
@@ -348,7 +340,6 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
         y.stride(0), p.stride(0), p.stride(1), weights.stride(0), weights.stride(1), s.stride(0), out.stride(0),
         out.stride(0), float(eps),
         TOPK=top_k, IMPLICIT_POS=pos is None, HAS_SHARED=shared is not None, PARTS=shared_parts,
-        BLOCK_T=block_t, BLOCK_H=block_h, NEXT_NORM=next_norm is not None,
-        TRIGGER=(2 if COMBINE_TRIGGER_LATE else 1) if pdl_launch(y) else 0,
+        BLOCK_T=block_t, BLOCK_H=block_h, NEXT_NORM=next_norm is not None, TRIGGER=pdl_launch(y),
         num_warps=NORM_WARPS if next_norm is not None else 4)
     return out if normed is None else (out, normed)

@@ -51,8 +51,6 @@ EARLY_SWITCHES = {
                    "MoE combine before it runs", "gemv"),
     "gemv_early_tiles": ("triton_gemv", "EARLY_TILES", "in_proj's split-K GEMV loads its first four weight "
                          "tiles (as one) while the MoE combine before it runs", "gemv"),
-    "combine_trigger_late": ("triton_moe", "COMBINE_TRIGGER_LATE", "the MoE combine lets in_proj's GEMV start "
-                             "only once its output is stored", "combine_triton"),
 }
 # The settings of a switch that is not a flag: (on, off).
 SETTINGS = {"gemv_early_tiles": (4, 1)}
