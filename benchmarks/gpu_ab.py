@@ -231,7 +231,6 @@ SWITCHES = {
     "router_slice_e16": _module_value("triton_router", "SLICE_E", 16),
     "combine_warps8": _module_value("triton_moe", "NORM_WARPS", 8),
     "combine_warps2": _module_value("triton_moe", "NORM_WARPS", 2),
-    "fused_route": _module_value("triton_experts", "FUSED_ROUTE", True),
     "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
 }
 

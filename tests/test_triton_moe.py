@@ -276,59 +276,6 @@ def test_shared_parts_refuse_what_does_not_cut() -> None:
                                     torch.ones(1, 1, device=DEVICE), up, down, shared_mlp=(s_up, s_down))
 
 
-@pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("with_shared_mlp", [False, True])
-def test_experts_that_route_for_themselves_change_no_bit(norm: bool, with_shared_mlp: bool, gemv_variant,
-                                                         monkeypatch) -> None:
-    # One token routed inside the expert GEMVs (FUSED_ROUTE) from the router's partial logits: the same
-    # ids, weights and output bits as the route kernel followed by gemv_experts, and the ids and weights
-    # it hands the combine are the route kernel's. Ties in the logits take the lower id in both.
-    g = torch.Generator().manual_seed(11)
-    n_exp, k, d, inter = 16, 4, 40, 24
-    x = torch.randn(1, d, generator=g).to(DEVICE)
-    up = (torch.randn(n_exp, inter, d, generator=g) / 4).to(DEVICE)
-    down = (torch.randn(n_exp, d, inter, generator=g) / 4).to(DEVICE)
-    s_up, s_down = (torch.randn(2 * inter, d, generator=g) / 4).to(DEVICE), (torch.randn(d, 2 * inter, generator=g) / 4).to(DEVICE)
-    logits = torch.randn(3, 1, n_exp, generator=g).to(DEVICE)
-    logits[:, :, 5] = logits[:, :, 9]  # a tie
-    bias = (torch.randn(n_exp, generator=g) * 0.05).to(DEVICE)
-    residual = torch.randn(1, d, generator=g).to(DEVICE)
-    pair = (s_up, s_down) if with_shared_mlp else None
-    want_idx, want_w = triton_moe.route_triton(logits, bias, k, 2.5, norm)
-    seen = {}
-    real_combine = triton_experts.combine_triton
-
-    def combine(y, pos, weights, *args, **kwargs):
-        seen["weights"] = weights.clone()
-        return real_combine(y, pos, weights, *args, **kwargs)
-
-    monkeypatch.setattr(triton_experts, "combine_triton", combine)
-    want = triton_experts.gemv_experts(x, want_idx, want_w, up, down, residual, pair)
-    monkeypatch.setattr(triton_experts, "FUSED_ROUTE", True)
-    got = triton_experts.gemv_experts_routed(x, logits, bias, k, 2.5, norm, up, down, residual, pair)
-    assert torch.equal(got, want)
-    assert torch.equal(seen["weights"], want_w)
-    monkeypatch.setattr(triton_experts, "FUSED_ROUTE", False)
-    assert torch.equal(triton_experts.gemv_experts_routed(x, logits, bias, k, 2.5, norm, up, down, residual, pair),
-                       want)
-
-
-def test_experts_route_for_themselves_only_for_one_token(monkeypatch) -> None:
-    # Several tokens (a batch's decode step) keep the route kernel: it must run, and the result is
-    # gemv_experts' over its routing.
-    g = torch.Generator().manual_seed(12)
-    x, _, _, up, down, shared = _experts(n_tok=3, n_exp=8, k=2, d_in=32, inter=16, seed=12)
-    logits = torch.randn(2, 3, 8, generator=g).to(DEVICE)
-    bias = torch.zeros(8, device=DEVICE)
-    monkeypatch.setattr(triton_experts, "FUSED_ROUTE", True)
-    calls = []
-    real_route = triton_moe.route_triton
-    monkeypatch.setattr(triton_moe, "route_triton", lambda *a, **kw: calls.append(1) or real_route(*a, **kw))
-    got = triton_experts.gemv_experts_routed(x, logits, bias, 2, 1.0, True, up, down, shared)
-    idx, w = real_route(logits, bias, 2, 1.0, True)
-    assert calls and torch.equal(got, triton_experts.gemv_experts(x, idx, w, up, down, shared))
-
-
 def test_decode_expert_config_is_pinned_per_architecture(monkeypatch) -> None:
     # On an H100/H200 (sm_90) the decode calls take the config measured inside the model, whatever
     # another process's autotuning left on disk; elsewhere, on CPU and with PIN off, the autotuner's.

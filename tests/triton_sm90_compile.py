@@ -119,36 +119,20 @@ def main() -> int:
     kinds = {}
     for config in triton_experts._CONFIGS:
         kinds.setdefault(config[3], config)
-    no_route = {"ROUTE": False, "ROUTE_WAIT": False, "RTOPK": 1, "RNORM": False, "PRECISE": False, "RPARTS": 1,
-                "BLOCK_E": 16, "BLOCK_RK": 1}
     for dt in ("bf16", "fp32"):
-        sig = {**ptrs("x_ptr w_ptr ws_ptr out_ptr lg_ptr rw_ptr", dt), "expert_ptr": "*i64", "bias_ptr": "*fp32",
-               **ints("N K S R E stride_xm stride_we stride_wn stride_sn part_off stride_om stride_lp"),
-               "scaling": "fp32"}
+        sig = {**ptrs("x_ptr w_ptr ws_ptr out_ptr", dt), "expert_ptr": "*i64",
+               **ints("N K S R E stride_xm stride_we stride_wn stride_sn part_off stride_om")}
         configs = kinds.values() if dt == "fp32" else triton_experts._CONFIGS
         for bn, bk, warps, grouped in configs:
             for parts, own_row, relu2 in ((0, False, True), (0, True, False), (2, False, True), (2, True, False)):
                 consts = {"K": 2688, "BLOCK_N": bn, "BLOCK_K": bk, "ROW_DIV": 1 if own_row else 6,
                           "OWN_ROW": own_row, "PARTS": parts, "RELU2": relu2, "GROUPED": grouped, "S_P2": 64,
                           "MG": 16, "IEEE": dt == "fp32", "PDL": parts > 0 and not own_row,
-                          "TRIGGER": not own_row, "WAIT_X": own_row, **no_route}
+                          "TRIGGER": not own_row, "WAIT_X": own_row}
                 if parts == 0:
                     consts["ws_ptr"] = None
                 results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} "
                                            f"parts={parts} own_row={own_row} relu2={relu2}", gemv, sig, consts, warps))
-    # One token routed inside the GEMVs (gemv_experts_routed): the decode step's up and down projections.
-    sig = {**ptrs("x_ptr w_ptr ws_ptr out_ptr", "bf16"), **ptrs("lg_ptr rw_ptr bias_ptr", "fp32"),
-           "expert_ptr": "*i64", **ints("N K S R E stride_xm stride_we stride_wn stride_sn part_off stride_om "
-                                        "stride_lp"), "scaling": "fp32"}
-    for bn, bk, warps, grouped in triton_experts._CONFIGS:
-        for own_row in (False, True):
-            consts = {"K": 2688, "BLOCK_N": bn, "BLOCK_K": bk, "ROW_DIV": 1 if own_row else 6, "OWN_ROW": own_row,
-                      "PARTS": 2, "RELU2": not own_row, "GROUPED": grouped, "S_P2": 8, "MG": 16, "IEEE": False,
-                      "PDL": False, "TRIGGER": not own_row, "WAIT_X": own_row, "ROUTE": True,
-                      "ROUTE_WAIT": not own_row, "RTOPK": 6, "RNORM": True, "PRECISE": True, "RPARTS": 11,
-                      "BLOCK_E": 128, "BLOCK_RK": 8}
-            results.append(compile_one(f"expert_gemv routed {bn}x{bk}/{warps} grouped={grouped} own_row={own_row}",
-                                       gemv, sig, consts, warps))
 
     sorted_gemm = triton_sorted_experts._kernel()[0]
     sig = {**ptrs("x_ptr w_ptr out_ptr", "bf16"), **ptrs("order_ptr count_ptr", "i64"),

@@ -27,21 +27,18 @@ class Router(nn.Module):
         self.norm_topk_prob, self.scaling = norm_topk_prob, scaling
 
     def folds_norm(self, x: torch.Tensor) -> bool:
-        """Whether ``partial_logits`` takes ``x``: a decode step's few rows on the Triton path."""
+        """Whether ``forward_normed`` takes ``x``: a decode step's few rows on the Triton path."""
         return (self.n_group == 1 and x.is_cuda and triton_moe.usable(x) and not torch.is_grad_enabled()
                 and triton_router.supported(x, self.weight) and x.shape[0] < triton_router.DECODE_ROWS)
 
-    def partial_logits(self, x: torch.Tensor, norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decode step's logits as partial sums over slices of K, ``[P, N, E]`` (``folds_norm`` inputs),
-        for ``route_triton`` or the expert GEMVs that route for themselves; with ``norm`` (an RMSNorm) of
-        ``x`` folded into the same kernel. Returns (partial logits, the x the experts take)."""
-        if norm is None:
-            return triton_router.router_partials(x, self.weight), x
-        return triton_router.router_partials(x, self.weight, norm=(norm.weight, norm.eps))
-
-    def route_args(self) -> tuple[torch.Tensor, int, float, bool]:
-        """(score-correction bias, top_k, scaling, norm_topk_prob): the rest of ``route_triton``'s inputs."""
-        return self.e_score_correction_bias.float(), self.top_k, self.scaling, self.norm_topk_prob
+    def forward_normed(self, x: torch.Tensor, norm_weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward(rms_norm(x))`` with the norm folded into the logits kernel (``folds_norm`` inputs):
+        (ids, weights, the normalised x that the experts take)."""
+        parts, normed = triton_router.router_partials(x, self.weight, norm=(norm_weight, eps))
+        idx, weights = triton_moe.route_triton(parts, self.e_score_correction_bias.float(), self.top_k, self.scaling,
+                                               self.norm_topk_prob)
+        return idx, weights, normed
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[N, H]`` -> (expert ids ``[N, k]``, fp32 weights ``[N, k]``)."""
@@ -181,12 +178,12 @@ class MoE(nn.Module):
                 or not (experts.up_proj.stride(-1) == experts.down_proj.stride(-1) == 1)):
             return None
         if normed is None:
-            logits, normed = self.gate.partial_logits(flat, norm)
+            idx, weights, normed = self.gate.forward_normed(flat, norm.weight, norm.eps)
         else:
-            logits, normed = self.gate.partial_logits(normed.reshape(flat.shape))
-        out = triton_experts.gemv_experts_routed(
-            normed, logits, *self.gate.route_args(), experts.up_proj, experts.down_proj, flat, shared,
-            next_norm=None if next_norm is None else (next_norm.weight, next_norm.eps))
+            normed = normed.reshape(flat.shape)
+            idx, weights = self.gate(normed)
+        out = triton_experts.gemv_experts(normed, idx, weights, experts.up_proj, experts.down_proj, flat, shared,
+                                          next_norm=None if next_norm is None else (next_norm.weight, next_norm.eps))
         if next_norm is None:
             return out.view_as(x), None
         return out[0].view_as(x), out[1].view_as(x)

@@ -59,13 +59,6 @@ PIN = True
 # On sm_90+: the down projection is launched with PDL behind the up projection, which signals it
 # once its router ids are known; it loads its first weight tile before waiting. A switch for benchmarks.
 DOWN_EARLY = True
-# A decode step of one token routes inside the expert GEMVs (``gemv_experts_routed``): the up
-# projection starts right behind the router's partial logits, and no route kernel runs. A switch for
-# benchmarks.
-FUSED_ROUTE = False
-# (partial logits [P, 1, E] fp32, score-correction bias [E] fp32, weights out [1, k] fp32, scaling,
-# norm_topk_prob): the routing ``_gemv`` does inside the kernel.
-_Route = tuple
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +68,6 @@ def _kernel():
     import triton.testing
 
     _dot_t = triton_moe.dot_t()
-    _route_rows = triton_moe.route_rows()
 
     from .triton_moe import interpreting
 
@@ -92,16 +84,6 @@ def _kernel():
             routed = s < R
             ids = tl.load(expert_ptr + s, mask=valid & routed, other=-1).to(tl.int64)
             return tl.where(routed, ids, E + (s - R) % PARTS)
-
-    @triton.jit
-    def _routed_expert_of(s, route_ids, offs_rk, R, E, PARTS: tl.constexpr):
-        """``_expert_of`` for slots ``s`` (a vector) of one token routed in this kernel (``ROUTE``):
-        routed slot s is the token's s-th pick, ``route_ids [1, BLOCK_RK]``."""
-        picked = tl.sum(tl.where(s[:, None] == offs_rk[None, :], route_ids, 0), axis=1).to(tl.int64)
-        if PARTS == 0:
-            return picked
-        else:
-            return tl.where(s < R, picked, E + (s - R) % PARTS)
 
     @triton.jit
     def _row_of(s, R, ROW_DIV: tl.constexpr, PARTS: tl.constexpr, OWN_ROW: tl.constexpr):
@@ -131,17 +113,13 @@ def _kernel():
                        stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
                        PARTS: tl.constexpr, RELU2: tl.constexpr, S_P2: tl.constexpr, MG: tl.constexpr,
-                       IEEE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr, WAIT_X: tl.constexpr,
-                       ROUTE: tl.constexpr, route_ids, offs_rk):
+                       IEEE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr, WAIT_X: tl.constexpr):
         """The slots routed to expert ``e``, computed by the program of the first of them (the others
         return at once): its weight tile is read once per K step and multiplied into all member rows."""
         offs_s = tl.arange(0, S_P2)
-        if ROUTE:
-            ids = _routed_expert_of(offs_s, route_ids, offs_rk, R, E, PARTS)
-        else:
-            # A shared-expert part's group has no routed slot: it reads no router id (which, under
-            # PDL, the route kernel may still be writing).
-            ids = _expert_of(offs_s, (offs_s < S) & ((e < E) | (offs_s >= R)), expert_ptr, R, E, PARTS)
+        # A shared-expert part's group has no routed slot: it reads no router id (which, under PDL,
+        # the route kernel may still be writing).
+        ids = _expert_of(offs_s, (offs_s < S) & ((e < E) | (offs_s >= R)), expert_ptr, R, E, PARTS)
         same = (ids == e) & (offs_s < S)
         if tl.min(tl.where(same, offs_s, S_P2), axis=0) == slot:
             # Member m of the group = the slot whose running count of members is m.
@@ -182,14 +160,12 @@ def _kernel():
                      acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def expert_gemv(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, lg_ptr, bias_ptr, rw_ptr, N, K: tl.constexpr, S, R,
-                    E, stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om, stride_lp, scaling,
+    def expert_gemv(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S, R, E,
+                    stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
                     PARTS: tl.constexpr, RELU2: tl.constexpr, GROUPED: tl.constexpr, S_P2: tl.constexpr,
                     MG: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr,
-                    WAIT_X: tl.constexpr, ROUTE: tl.constexpr, ROUTE_WAIT: tl.constexpr, RTOPK: tl.constexpr,
-                    RNORM: tl.constexpr, PRECISE: tl.constexpr, RPARTS: tl.constexpr, BLOCK_E: tl.constexpr,
-                    BLOCK_RK: tl.constexpr):
+                    WAIT_X: tl.constexpr):
         # K (the loop bound) is a constexpr: a model has two or three expert widths, so this costs as
         # many compiles, and Triton 3.6's interpreter cannot loop to a runtime bound on numpy >= 2.4.
         # Slot s < R = (token s // top_k, its (s % top_k)-th expert): the up projection reads x row
@@ -204,53 +180,21 @@ def _kernel():
         # program's wait (it reads the router's ids before its own wait). WAIT_X: that down
         # projection, launched with PDL: ids and the first weight tile first, then wait for the up
         # projection before reading x; every store after the wait.
-        # ROUTE (one token, ``gemv_experts_routed``): no route kernel ran; every program routes the
-        # token itself from the router's partial logits (``lg_ptr [RPARTS, 1, E]``), with the route
-        # kernel's own code (the same ids and weights). The up projection is launched right behind the
-        # partial-logit kernel, which also wrote x: every program waits for it first (ROUTE_WAIT),
-        # and its program (0, 0) stores the ids and weights (for the combine). The down projection
-        # (OWN_ROW) routes before its own wait (WAIT_X): the partial logits were complete before the
-        # up projection let it start.
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
-        offs_rk = tl.arange(0, BLOCK_RK)
-        route_ids = tl.zeros((1, BLOCK_RK), dtype=tl.int32)
-        if ROUTE:
-            if not OWN_ROW:  # the up projection
-                if ROUTE_WAIT:
-                    gdc_wait()
+        if PDL:
+            if slot < R:
+                gdc_wait()
                 if TRIGGER:
                     gdc_launch_dependents()
-            offs_e = tl.arange(0, BLOCK_E)
-            valid_e = offs_e < E
-            logit = tl.zeros((1, BLOCK_E), dtype=tl.float32)
-            for p in tl.static_range(RPARTS):  # in the route kernel's order
-                logit += tl.load(lg_ptr + p * stride_lp + offs_e[None, :], mask=valid_e[None, :], other=0.0)
-            bias = tl.load(bias_ptr + offs_e, mask=valid_e, other=0.0).to(tl.float32)
-            route_ids, route_ws = _route_rows(logit, bias, valid_e, offs_e, offs_rk, scaling, RTOPK, RNORM,
-                                              PRECISE, BLOCK_E)
-            if not OWN_ROW:
-                if (slot == 0) & (pid_n == 0):
-                    mine = offs_rk[None, :] < RTOPK
-                    tl.store(expert_ptr + offs_rk[None, :], route_ids.to(tl.int64), mask=mine)
-                    tl.store(rw_ptr + offs_rk[None, :], route_ws, mask=mine)
-            e = tl.sum(_routed_expert_of(slot + tl.zeros((1,), dtype=tl.int32), route_ids, offs_rk, R, E, PARTS),
-                       axis=0)
-        else:
-            if PDL:
-                if slot < R:
-                    gdc_wait()
-                    if TRIGGER:
-                        gdc_launch_dependents()
-            elif TRIGGER:
-                gdc_launch_dependents()
-            e = _expert_of(slot, slot < S, expert_ptr, R, E, PARTS)  # int64 router ids, or int32
+        elif TRIGGER:
+            gdc_launch_dependents()
+        e = _expert_of(slot, slot < S, expert_ptr, R, E, PARTS)  # int64 router ids, or int32
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if GROUPED:
             _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, N, K, S, R, E, stride_xm, stride_we,
                            stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n, BLOCK_N, BLOCK_K,
-                           ROW_DIV, OWN_ROW, PARTS, RELU2, S_P2, MG, IEEE, PDL, TRIGGER, WAIT_X, ROUTE, route_ids,
-                           offs_rk)
+                           ROW_DIV, OWN_ROW, PARTS, RELU2, S_P2, MG, IEEE, PDL, TRIGGER, WAIT_X)
             return
         row = _row_of(slot, R, ROW_DIV, PARTS, OWN_ROW).to(tl.int64)
         w_base, w_row = _weights_of(e, w_ptr, ws_ptr, E, stride_we, stride_wn, stride_sn, part_off, PARTS)
@@ -275,8 +219,7 @@ def _kernel():
 
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-    globals().update(tl=tl, _dot_t=_dot_t, _route_rows=_route_rows, _grouped_slots=_grouped_slots,
-                     _expert_of=_expert_of, _routed_expert_of=_routed_expert_of, _row_of=_row_of,
+    globals().update(tl=tl, _dot_t=_dot_t, _grouped_slots=_grouped_slots, _expert_of=_expert_of, _row_of=_row_of,
                      _weights_of=_weights_of, gdc_wait=gdc_wait,
                      gdc_launch_dependents=gdc_launch_dependents)  # the interpreter resolves names here
 
@@ -303,7 +246,7 @@ def _kernel():
 def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int | None, relu2: bool,
           tokens: int = 1, shared_w: torch.Tensor | None = None, parts: int = 0,
           split_rows: bool = True, config: dict | None = None, pdl: bool = False, trigger: bool = False,
-          wait_x: bool = False, route: _Route | None = None) -> torch.Tensor:
+          wait_x: bool = False) -> torch.Tensor:
     """Row s of the result: ``w[experts[s]] @ x[s // row_div]`` (``x[s]`` when ``row_div`` is None),
     relu2'd if asked.
 
@@ -313,9 +256,7 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int 
     ``config`` (``BLOCK_N``, ``BLOCK_K``, ``GROUPED``, ``num_warps``, ``num_stages``) bypasses the
     autotuner (``benchmarks/gpu_gemv_sweep.py`` times candidates this way). ``pdl``, ``trigger``,
     ``wait_x``: the up projection behind the route kernel, and the down projection behind it, under
-    programmatic dependent launch (see ``expert_gemv``; sm_90+, compiled). ``route``: one token routed
-    inside the kernel from the router's partial logits (``gemv_experts_routed``); the up projection
-    (not ``wait_x``) also writes the ids into ``experts`` and the weights into ``route.weights``.
+    programmatic dependent launch (see ``expert_gemv``; sm_90+, compiled).
     """
     experts_kernel, plain_kernel, cdiv = _kernel()
     n, k = w.shape[1], w.shape[2]
@@ -336,19 +277,10 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int 
     # A group holds at most one slot per token (a token's experts are distinct, and so are its shared
     # parts): MG >= tokens rows cover it (tl.dot wants at least 16).
     launch = kernel[grid] if config is None else functools.partial(kernel.fn[grid], **config)
-    if route is None:  # (never read)
-        lg, bias, rw, stride_lp, scaling, rparts, block_e, rnorm = out, out, out, 0, 1.0, 1, 16, False
-    else:
-        lg, bias, rw, scaling, rnorm = route
-        stride_lp, rparts, block_e = lg.stride(0), lg.shape[0], triton_moe._next_pow2(lg.shape[-1])
-    route_wait = route is not None and pdl
-    launch(x, w, shared_w, experts, out, lg, bias, rw, n, k, rows, routed, w.shape[0],
-           x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off, out.stride(0), stride_lp, float(scaling),
+    launch(x, w, shared_w, experts, out, n, k, rows, routed, w.shape[0],
+           x.stride(0), w.stride(0), w.stride(1), stride_sn, part_off, out.stride(0),
            ROW_DIV=row_div or 1, OWN_ROW=row_div is None, PARTS=parts, RELU2=relu2, S_P2=s_p2, MG=mg,
-           IEEE=x.dtype == torch.float32, PDL=pdl and route is None, TRIGGER=trigger, WAIT_X=wait_x,
-           ROUTE=route is not None, ROUTE_WAIT=route_wait, RTOPK=routed if route is not None else 1, RNORM=rnorm,
-           PRECISE=not triton_moe.interpreting(), RPARTS=rparts, BLOCK_E=block_e,
-           BLOCK_RK=triton_moe._next_pow2(routed) if route is not None else 1, launch_pdl=pdl or wait_x)
+           IEEE=x.dtype == torch.float32, PDL=pdl, TRIGGER=trigger, WAIT_X=wait_x, launch_pdl=pdl or wait_x)
     return out
 
 
@@ -405,45 +337,9 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
     Each part's output is rounded to ``x.dtype`` like a routed expert's before the fp32 sum.
     ``next_norm``: see ``combine_triton`` (then returns ``(out, rms_norm(out))``).
     """
+    ntok, topk = idx.shape
     # The router's ids are contiguous, so this is a view (no launch); a strided [N, 1] slice is not.
-    return _up_down_combine(x, idx.reshape(-1).contiguous(), idx.shape[1], weights, up, down, shared, shared_mlp,
-                            next_norm)
-
-
-def gemv_experts_routed(x: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, top_k: int, scaling: float,
-                        norm_topk_prob: bool, up: torch.Tensor, down: torch.Tensor,
-                        shared: Optional[torch.Tensor] = None,
-                        shared_mlp: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                        next_norm: Optional[tuple[torch.Tensor, float]] = None
-                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``gemv_experts`` over the routing of ``route_triton(logits, bias, top_k, scaling, norm_topk_prob)``
-    (``logits``: the router's partial logits ``[P, N, E]``).
-
-    With ``FUSED_ROUTE``, one token's routing runs inside the two expert GEMVs instead of a route
-    kernel of its own: the same code (``triton_moe.route_rows``), so the same ids and weights; the up
-    projection then starts right behind the kernel that wrote ``logits`` (on sm_90, through
-    programmatic dependent launch), one launch and one kernel boundary fewer a MoE block.
-    """
-    n_exp = logits.shape[-1]
-    fused = (FUSED_ROUTE and x.shape[0] == 1 and logits.dim() == 3 and logits.shape[1] == 1
-             and logits.stride(-1) == 1 and bias.shape == (n_exp,) and 1 <= top_k <= min(n_exp, triton_moe.MAX_TOP_K)
-             and n_exp <= triton_moe.MAX_EXPERTS)
-    if not fused:
-        idx, weights = triton_moe.route_triton(logits, bias, top_k, scaling, norm_topk_prob)
-        return gemv_experts(x, idx, weights, up, down, shared, shared_mlp, next_norm)
-    experts = torch.empty(top_k, dtype=torch.int64, device=x.device)
-    weights = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
-    route = (logits, bias.float().contiguous(), weights, scaling, bool(norm_topk_prob))
-    return _up_down_combine(x, experts, top_k, weights, up, down, shared, shared_mlp, next_norm, route)
-
-
-def _up_down_combine(x: torch.Tensor, experts: torch.Tensor, topk: int, weights: torch.Tensor, up: torch.Tensor,
-                     down: torch.Tensor, shared: Optional[torch.Tensor], shared_mlp, next_norm,
-                     route: _Route | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The two expert GEMVs and the combine of ``gemv_experts`` (``experts``: the slots' ids, flat);
-    with ``route``, the GEMVs route the token themselves and the up projection writes ``experts`` and
-    ``weights`` for the combine."""
-    ntok = x.shape[0]
+    experts = idx.reshape(-1).contiguous()
     parts, shared_up, shared_down = 0, None, None
     if shared_mlp is not None:
         shared_up, shared_down = shared_mlp
@@ -451,14 +347,13 @@ def _up_down_combine(x: torch.Tensor, experts: torch.Tensor, topk: int, weights:
         if parts == 0:
             raise ValueError(f"the shared expert {tuple(shared_up.shape)} / {tuple(shared_down.shape)} does not cut "
                              f"into experts of {tuple(up.shape[1:])} / {tuple(down.shape[1:])}")
-    # The up projection may start during the route kernel before it (its shared parts need no ids), or,
-    # routing itself, right behind the router's partial logits.
+    # The up projection may start during the route kernel before it (its shared parts need no ids).
     sm90 = triton_moe.pdl_launch(x)
-    pdl = sm90 and (route is not None or (SHARED_AHEAD and parts > 0))
+    pdl = SHARED_AHEAD and parts > 0 and sm90
     # And the down projection may load its first weight tiles while the up projection finishes.
     down_early = DOWN_EARLY and sm90
-    h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok, shared_w=shared_up,
-              parts=parts, split_rows=True, pdl=pdl, trigger=down_early, route=route)  # [slots, inter]
-    y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok, shared_w=shared_down, parts=parts,
-              split_rows=False, wait_x=down_early, route=route)  # [slots, out], slot order
+    h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok,
+              shared_w=shared_up, parts=parts, split_rows=True, pdl=pdl, trigger=down_early)  # [slots, inter]
+    y = _gemv(h, down, experts, row_div=None, relu2=False, tokens=ntok,
+              shared_w=shared_down, parts=parts, split_rows=False, wait_x=down_early)  # [slots, out], slot order
     return combine_triton(y, None, weights, shared, out_dtype=x.dtype, shared_parts=parts, next_norm=next_norm)

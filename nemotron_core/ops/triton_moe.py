@@ -133,62 +133,10 @@ def dot_t():
 
 
 @functools.lru_cache(maxsize=None)
-def route_rows():
-    """The ``n_group == 1`` routing of logit rows, a Triton jit helper shared by the route kernel and the
-    expert GEMV that routes for itself (``triton_experts``): ``(logit [T, BLOCK_E] fp32, bias [BLOCK_E],
-    valid_e, offs_e, offs_k [BLOCK_K], scaling)`` -> ``(ids [T, BLOCK_K] int32, weights [T, BLOCK_K])``,
-    slots past TOPK 0. One code for both, so both give the same bits."""
-    import triton
-    import triton.language as tl
-    from triton.language.extra import libdevice
-
-    @triton.jit
-    def _route_rows(logit, bias, valid_e, offs_e, offs_k, scaling, TOPK: tl.constexpr, NORM: tl.constexpr,
-                    PRECISE: tl.constexpr, BLOCK_E: tl.constexpr):
-        # torch computes sigmoid as 1 / (1 + expf(-x)) with an IEEE exp and divide; doing the same
-        # (rather than tl.sigmoid's approximate ex2 and division) keeps the chosen experts identical
-        # to the torch router's whenever two scores are within a few ulps. The interpreter has no
-        # libdevice, and numpy's exp is accurate anyway.
-        if PRECISE:
-            e = libdevice.exp(-logit)
-        else:
-            e = tl.exp(-logit)
-        score = tl.div_rn(tl.full(logit.shape, 1.0, tl.float32), 1.0 + e)
-        choice = score + bias[None, :]
-        # A NaN would never equal the row max, so no expert would be picked and an out-of-range id
-        # would reach the expert kernels; as -inf it is simply the least preferred.
-        choice = tl.where(choice == choice, choice, float("-inf"))
-        free = tl.broadcast_to(valid_e[None, :], logit.shape)
-        ids = tl.zeros((logit.shape[0], offs_k.shape[0]), dtype=tl.int32)
-        ws = tl.zeros((logit.shape[0], offs_k.shape[0]), dtype=tl.float32)
-        total = tl.zeros((logit.shape[0],), dtype=tl.float32)
-        # Top-k as k rounds of argmax; ``free`` (not a -inf overwrite) marks what is left, so rows
-        # whose remaining choices are all -inf still pick distinct, valid experts.
-        for j in tl.static_range(TOPK):
-            best = tl.max(tl.where(free, choice, float("-inf")), axis=1)
-            hit = free & (choice == best[:, None])
-            pick = tl.min(tl.where(hit, offs_e[None, :], BLOCK_E), axis=1)  # lowest id on ties
-            sel = offs_e[None, :] == pick[:, None]
-            w = tl.sum(tl.where(sel, score, 0.0), axis=1)  # the unbiased score of the pick (exact: one term)
-            ids = tl.where(offs_k[None, :] == j, pick[:, None], ids)
-            ws = tl.where(offs_k[None, :] == j, w[:, None], ws)
-            total += w  # in pick order: the same bits whatever the tile's layout over the threads
-            free = free & (~sel)
-        if NORM:
-            # div_rn: Triton's '/' is an approximate (2 ulp) division on NVIDIA; torch's is exact.
-            ws = tl.div_rn(ws, tl.broadcast_to(total[:, None] + 1e-20, ws.shape))
-        return ids, ws * scaling
-
-    globals().update(tl=tl, libdevice=libdevice)  # (the interpreter resolves the helper's names here)
-    return _route_rows
-
-
-@functools.lru_cache(maxsize=None)
 def _kernels():
     import triton
     import triton.language as tl
-
-    _route_rows = route_rows()
+    from triton.language.extra import libdevice
 
     @triton.jit
     def moe_route(logits_ptr, bias_ptr, idx_ptr, w_ptr, N, E, stride_p, stride_l, scaling,
@@ -212,8 +160,39 @@ def _kernels():
         for p in tl.static_range(PARTS):
             logit += tl.load(logits_ptr + p * stride_p + offs_t[:, None] * stride_l + offs_e[None, :],
                              mask=mask_t[:, None] & valid_e[None, :], other=0.0).to(tl.float32)
+        # torch computes sigmoid as 1 / (1 + expf(-x)) with an IEEE exp and divide; doing the same
+        # (rather than tl.sigmoid's approximate ex2 and division) keeps the chosen experts identical
+        # to the torch router's whenever two scores are within a few ulps. The interpreter has no
+        # libdevice, and numpy's exp is accurate anyway.
+        if PRECISE:
+            e = libdevice.exp(-logit)
+        else:
+            e = tl.exp(-logit)
+        score = tl.div_rn(tl.full(logit.shape, 1.0, tl.float32), 1.0 + e)
         bias = tl.load(bias_ptr + offs_e, mask=valid_e, other=0.0).to(tl.float32)
-        ids, ws = _route_rows(logit, bias, valid_e, offs_e, offs_k, scaling, TOPK, NORM, PRECISE, BLOCK_E)
+        choice = score + bias[None, :]
+        # A NaN would never equal the row max, so no expert would be picked and an out-of-range id
+        # would reach the expert kernels; as -inf it is simply the least preferred.
+        choice = tl.where(choice == choice, choice, float("-inf"))
+        free = tl.broadcast_to(valid_e[None, :], (BLOCK_T, BLOCK_E))
+        ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+        ws = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+        # Top-k as k rounds of argmax; ``free`` (not a -inf overwrite) marks what is left, so rows
+        # whose remaining choices are all -inf still pick distinct, valid experts.
+        for j in tl.static_range(TOPK):
+            best = tl.max(tl.where(free, choice, float("-inf")), axis=1)
+            hit = free & (choice == best[:, None])
+            pick = tl.min(tl.where(hit, offs_e[None, :], BLOCK_E), axis=1)  # lowest id on ties
+            sel = offs_e[None, :] == pick[:, None]
+            w = tl.sum(tl.where(sel, score, 0.0), axis=1)  # the unbiased score of the pick
+            ids = tl.where(offs_k[None, :] == j, pick[:, None], ids)
+            ws = tl.where(offs_k[None, :] == j, w[:, None], ws)
+            free = free & (~sel)
+        if NORM:
+            total = tl.sum(ws, axis=1)  # the slots past TOPK hold 0
+            # div_rn: Triton's '/' is an approximate (2 ulp) division on NVIDIA; torch's is exact.
+            ws = tl.div_rn(ws, tl.broadcast_to(total[:, None] + 1e-20, (BLOCK_T, BLOCK_K)))
+        ws = ws * scaling
         out = offs_t[:, None] * TOPK + offs_k[None, :]
         mask_out = mask_t[:, None] & (offs_k[None, :] < TOPK)
         tl.store(idx_ptr + out, ids.to(tl.int64), mask=mask_out)
@@ -264,8 +243,7 @@ def _kernels():
 
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-    globals().update(gdc_launch_dependents=gdc_launch_dependents, gdc_wait=gdc_wait,
-                     _route_rows=_route_rows)  # (the interpreter's names)
+    globals().update(gdc_launch_dependents=gdc_launch_dependents, gdc_wait=gdc_wait)  # (the interpreter's names)
     return moe_route, moe_combine, triton.cdiv
 
 

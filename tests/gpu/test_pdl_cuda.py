@@ -51,8 +51,6 @@ EARLY_SWITCHES = {
                    "MoE combine before it runs", "gemv"),
     "gemv_early_tiles": ("triton_gemv", "EARLY_TILES", "in_proj's split-K GEMV loads its first four weight "
                          "tiles (as one) while the MoE combine before it runs", "gemv"),
-    "fused_route": ("triton_experts", "FUSED_ROUTE", "one token is routed inside the expert GEMVs, the up "
-                    "projection starting right behind the router's partial logits", "gemv_experts_routed"),
 }
 # The settings of a switch that is not a flag: (on, off).
 SETTINGS = {"gemv_early_tiles": (4, 1)}
