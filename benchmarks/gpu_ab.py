@@ -137,27 +137,23 @@ def _expert_pin(model, on: bool) -> None:
     triton_experts.PIN = on
 
 
-def _gemv_split1(model, on: bool) -> None:
-    """The wide split-K GEMVs (in_proj, the LM head) on their pinned config (one split), against two
-    splits: the two picks the autotuner made for in_proj in two runs on the H200."""
+def _pinned_wide(**change):
     from nemotron_core.ops import triton_gemv
 
-    cap = torch.cuda.get_device_capability()
-    one = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT": 1, "num_warps": 4, "num_stages": 4}
-    triton_gemv.PINNED = {cap: one if on else {**one, "SPLIT": 2}}
+    default = triton_gemv.PINNED  # (read once: a switch's "on" replaces the module's dict)
 
-
-def _pinned_wide(**change):
     def switch(model, on: bool) -> None:
         # The wide split-K GEMVs (in_proj, the LM head) on their pinned config changed by `change`,
         # against the pinned config.
-        from nemotron_core.ops import triton_gemv
-
         cap = torch.cuda.get_device_capability()
-        pinned = triton_gemv.PINNED[cap]
-        triton_gemv.PINNED = {cap: {**pinned, **change} if on else pinned}
+        triton_gemv.PINNED = {cap: {**default[cap], **change}} if on else default
 
     return switch
+
+
+def _against(switch):
+    """``switch`` with its settings swapped: "on" is the default."""
+    return lambda model, on: switch(model, not on)
 
 
 def _module_value(module: str, name: str, value):
@@ -225,7 +221,8 @@ SWITCHES = {
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
     "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null,
     "expert_autotuned": _expert_autotuned, "expert_64": _expert_64, "expert_64_256": _expert_64_256,
-    "expert_pin": _expert_pin, "gemv_split1": _gemv_split1,
+    # gemv_split1: the pinned one split, against the two splits the autotuner once picked for in_proj.
+    "expert_pin": _expert_pin, "gemv_split1": _against(_pinned_wide(SPLIT=2)),
     "gemv_wide_64": _pinned_wide(BLOCK_N=64), "gemv_wide_k256": _pinned_wide(BLOCK_K=256, num_stages=3),
     "router_slice512": _module_value("triton_router", "SLICE_K", 512),
     "router_slice_e16": _module_value("triton_router", "SLICE_E", 16),
