@@ -61,6 +61,10 @@ has attn && step attn 90 python3 benchmarks/gpu_attention.py
 has router && step router 60 python3 benchmarks/gpu_router_precision.py --out "$out/router.json"
 # TRITON_PRINT_AUTOTUNING: the expert-GEMV configs the autotuner picks, per shape (to prune the list).
 has generate && step generate 240 env TRITON_PRINT_AUTOTUNING=1 python3 benchmarks/gpu_generate.py --profile ${GENERATE_ARGS:-} --out "$out/generate.json"
+# The autotuner's picks of that run, with their shape keys, into the summary: a pick that differs
+# between runs moved batch 1 by 5% in the tenth session (BENCHMARKS.md).
+has generate && grep -B3 "best config selected" "$out/generate.log" | grep -E "^Triton autotuning|with key|best config" \
+  | sed -e 's/^Triton autotuning for function /autotuned /' | tee -a "$out/summary.txt" > /dev/null
 has sweep && step sweep 420 python3 benchmarks/gpu_gemv_sweep.py ${SWEEP_ARGS:-} --out "$out/sweep.json"
 has l2 && step l2 120 python3 benchmarks/gpu_l2.py --out "$out/l2.json"
 has pdl && step pdl 150 python3 benchmarks/gpu_pdl.py --out "$out/pdl.json"
