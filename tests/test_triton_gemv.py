@@ -85,7 +85,9 @@ def test_wide_projections_take_the_pinned_config_on_sm90(monkeypatch) -> None:
     # in_proj (10304 outputs) and the LM head on an H100/H200 take the config measured in the model,
     # not whichever of two close configs the autotuner timed faster in this process; narrower
     # projections, other architectures, the CPU and PIN off keep the autotuner.
-    monkeypatch.setattr(triton_gemv, "interpreting", lambda: False)
+    from nemotron_core.ops import triton_moe
+
+    monkeypatch.setattr(triton_moe, "interpreting", lambda: False)
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert triton_gemv.pinned_config(cuda, 10304) == triton_gemv.PINNED[(9, 0)]

@@ -109,6 +109,16 @@ def _kernel():
         return base, row
 
     @triton.jit
+    def _before_stores(slot, R, PDL: tl.constexpr, TRIGGER: tl.constexpr):
+        """Under PDL (see ``expert_gemv``): wait for the route kernel before storing (a shared part's
+        program did not wait yet), and a shared part's program then lets the down projection start."""
+        if PDL:
+            gdc_wait()
+            if TRIGGER:
+                if slot >= R:
+                    gdc_launch_dependents()
+
+    @triton.jit
     def _grouped_slots(x_ptr, w_ptr, ws_ptr, expert_ptr, out_ptr, N, K: tl.constexpr, S, R, E,
                        stride_xm, stride_we, stride_wn, stride_sn, part_off, stride_om, slot, e, offs_n,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_DIV: tl.constexpr, OWN_ROW: tl.constexpr,
@@ -150,11 +160,7 @@ def _kernel():
             if RELU2:
                 acc = tl.maximum(acc, 0.0)
                 acc = acc * acc
-            if PDL:  # (see expert_gemv)
-                gdc_wait()
-                if TRIGGER:
-                    if slot >= R:
-                        gdc_launch_dependents()
+            _before_stores(slot, R, PDL, TRIGGER)
             mask = valid[:, None] & (offs_n[None, :] < N)
             tl.store(out_ptr + member[:, None].to(tl.int64) * stride_om + offs_n[None, :],
                      acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -210,17 +216,13 @@ def _kernel():
         if RELU2:
             acc = tl.maximum(acc, 0.0)
             acc = acc * acc
-        if PDL:
-            gdc_wait()
-            if TRIGGER:
-                if slot >= R:
-                    gdc_launch_dependents()
+        _before_stores(slot, R, PDL, TRIGGER)
         tl.store(out_ptr + slot * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-    globals().update(tl=tl, _dot_t=_dot_t, _grouped_slots=_grouped_slots, _expert_of=_expert_of, _row_of=_row_of,
-                     _weights_of=_weights_of, gdc_wait=gdc_wait,
+    globals().update(tl=tl, _dot_t=_dot_t, _before_stores=_before_stores, _grouped_slots=_grouped_slots,
+                     _expert_of=_expert_of, _row_of=_row_of, _weights_of=_weights_of, gdc_wait=gdc_wait,
                      gdc_launch_dependents=gdc_launch_dependents)  # the interpreter resolves names here
 
     def tuned(choices):
@@ -286,9 +288,7 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, row_div: int 
 
 def pinned_config(device: torch.device) -> dict | None:
     """The pinned config of a grouped 16-bit call on ``device`` (``PINNED``), or None: the autotuner's."""
-    if not PIN or device.type != "cuda" or triton_moe.interpreting():
-        return None
-    return PINNED.get(torch.cuda.get_device_capability(device))
+    return triton_moe.pinned_for(PINNED, device) if PIN else None
 
 
 def takes(device: torch.device, slots: int) -> bool:

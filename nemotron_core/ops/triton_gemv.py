@@ -33,7 +33,7 @@ import functools
 
 import torch
 
-from .triton_moe import dot_t, interpreting, pdl_launch, usable
+from .triton_moe import dot_t, interpreting, pdl_launch, pinned_for, usable
 
 # Launch configs (BLOCK_N, BLOCK_K, SPLIT, warps, stages) the autotuner picks from per (N, K).
 # SPLIT 1 serves wide projections (the Mamba in_proj, 10304 rows, and the LM head); the others
@@ -211,9 +211,7 @@ def _counters(device: torch.device) -> torch.Tensor:
 def pinned_config(device: torch.device, n: int) -> dict | None:
     """The pinned config of an ``n``-output projection on ``device`` (``PINNED``), or None: the
     autotuner's."""
-    if not PIN or n < PIN_MIN_ROWS or device.type != "cuda" or interpreting():
-        return None
-    return PINNED.get(torch.cuda.get_device_capability(device))
+    return pinned_for(PINNED, device) if PIN and n >= PIN_MIN_ROWS else None
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

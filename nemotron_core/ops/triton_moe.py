@@ -97,6 +97,15 @@ def _library_interpreted() -> bool:
     return isinstance(getattr(tl, "zeros", None), InterpretedFunction)
 
 
+def pinned_for(table: dict[tuple[int, int], dict], device: torch.device) -> dict | None:
+    """``table``'s launch config for ``device``'s GPU architecture (compute capability): the configs a
+    kernel pins per architecture instead of autotuning. None on the CPU, under the interpreter and for
+    an architecture not in the table (the autotuner's pick then)."""
+    if device.type != "cuda" or interpreting():
+        return None
+    return table.get(torch.cuda.get_device_capability(device))
+
+
 def usable(t: torch.Tensor) -> bool:
     """Whether the kernels can run on tensors like ``t``: CUDA with triton, or CPU under the interpreter."""
     if interpreting():
