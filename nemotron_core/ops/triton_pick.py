@@ -37,23 +37,31 @@ def _kernels():
     widen, _ = triton_bf16.helpers()
 
     @triton.jit
+    def _first_max(vals, idxs, AXIS: tl.constexpr):
+        """(value, index) of the maximum of ``vals`` along AXIS as ``torch.argmax`` picks it: the
+        smallest index among the maxima, or the first NaN if there is one. ``idxs``: each value's
+        index (BIG where it must not win)."""
+        BIG: tl.constexpr = 2147483647  # larger than any vocabulary index
+        nan = vals != vals
+        first_nan = tl.min(tl.where(nan, idxs, BIG), axis=AXIS)
+        m = tl.max(tl.where(nan, float("-inf"), vals), axis=AXIS)
+        first_max = tl.min(tl.where(vals == tl.expand_dims(m, AXIS), idxs, BIG), axis=AXIS)
+        has_nan = first_nan < BIG
+        return tl.where(has_nan, float("nan"), m), tl.where(has_nan, first_nan, first_max)
+
+    @triton.jit
     def argmax_partials(logits_ptr, val_ptr, idx_ptr, V, stride_l, NB, BLOCK: tl.constexpr,
                         BF16_BY_BITS: tl.constexpr):
         """(value, index) of block j of row b's maximum: the first maximum, or the first NaN."""
-        BIG: tl.constexpr = 2147483647  # larger than any vocabulary index
         b = tl.program_id(0)
         j = tl.program_id(1)
         offs = j * BLOCK + tl.arange(0, BLOCK)
         valid = offs < V
         v = widen(tl.load(logits_ptr + b.to(tl.int64) * stride_l + offs, mask=valid), BF16_BY_BITS)
-        v = tl.where(valid, v, float("-inf"))
-        nan = v != v
-        first_nan = tl.min(tl.where(nan, offs, BIG), axis=0)
-        m = tl.max(tl.where(nan, float("-inf"), v), axis=0)
-        first_max = tl.min(tl.where(valid & (v == m), offs, BIG), axis=0)
-        has_nan = first_nan < BIG
-        tl.store(val_ptr + b * NB + j, tl.where(has_nan, float("nan"), m))
-        tl.store(idx_ptr + b * NB + j, tl.where(has_nan, first_nan, first_max))
+        # (The masked tail is -inf at indices past every valid one, so it never wins a tie.)
+        m, at = _first_max(tl.where(valid, v, float("-inf")), offs, 0)
+        tl.store(val_ptr + b * NB + j, m)
+        tl.store(idx_ptr + b * NB + j, at)
 
     @triton.jit
     def advance(val_ptr, idx_ptr, picked_ptr, out_ptr, index_ptr, tokens_ptr, done_ptr, hit_ptr, eos_ptr,
@@ -70,11 +78,8 @@ def _kernels():
             m2 = live[:, None] & (cols[None, :] < NB)
             vals = tl.load(val_ptr + at, mask=m2, other=float("-inf"))
             idxs = tl.load(idx_ptr + at, mask=m2, other=BIG)
-            nan = vals != vals
-            first_nan = tl.min(tl.where(nan, idxs, BIG), axis=1)
-            m = tl.max(tl.where(nan, float("-inf"), vals), axis=1)
-            first_max = tl.min(tl.where(vals == m[:, None], idxs, BIG), axis=1)
-            picked = tl.where(first_nan < BIG, first_nan, first_max).to(tl.int64)
+            _, picked = _first_max(vals, idxs, 1)
+            picked = picked.to(tl.int64)
         else:
             picked = tl.load(picked_ptr + rows, mask=live, other=0).to(tl.int64)
         done = tl.load(done_ptr + rows, mask=live, other=0) != 0
@@ -92,7 +97,7 @@ def _kernels():
         tl.store(tokens_ptr + rows * stride_tb, tok, mask=live)
         tl.store(index_ptr, i + 1)
 
-    globals().update(tl=tl, widen=widen)  # (the interpreter resolves names here)
+    globals().update(tl=tl, widen=widen, _first_max=_first_max)  # (the interpreter resolves names here)
     return argmax_partials, advance, triton.cdiv
 
 
