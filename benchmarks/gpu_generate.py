@@ -103,16 +103,21 @@ def bench_ours(config, args) -> dict:
     return res
 
 
-def profile_decode(model, config, batch: int = 1) -> list[str]:
-    """Top CUDA kernels of 10 eager decode steps (where the step time goes)."""
-    from torch.profiler import ProfilerActivity, profile
-
+def _eager_decoder(model, config, batch: int):
+    """An eager (no CUDA graph) decoder after a random 128-token prompt, and a token per row to feed."""
     from nemotron_core.generation import Decoder
 
     dec = Decoder(model, batch, 256, cuda_graph=False)
     ids = torch.randint(3, config.vocab_size, (batch, 128)).cuda()
     dec.prefill(ids, torch.ones_like(ids))
-    tok = torch.arange(5, 5 + batch, device="cuda")
+    return dec, torch.arange(5, 5 + batch, device="cuda")
+
+
+def profile_decode(model, config, batch: int = 1) -> list[str]:
+    """Top CUDA kernels of 10 eager decode steps (where the step time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dec, tok = _eager_decoder(model, config, batch)
     for _ in range(3):
         dec.step(tok)
     torch.cuda.synchronize()
@@ -131,7 +136,6 @@ def routing_stats(model, config, batch: int, steps: int = 10) -> dict:
     """How many distinct routed experts a decode step reads per MoE layer (the ids of every route
     call over ``steps`` eager steps after a 128-token prompt), and the expert bytes that makes per
     step: what bounds a step at this batch."""
-    from nemotron_core.generation import Decoder
     from nemotron_core.ops import triton_moe
 
     seen: list[int] = []
@@ -142,10 +146,7 @@ def routing_stats(model, config, batch: int, steps: int = 10) -> dict:
         seen.append(int(idx.unique().numel()))
         return idx, weights
 
-    dec = Decoder(model, batch, 256, cuda_graph=False)
-    ids = torch.randint(3, config.vocab_size, (batch, 128)).cuda()
-    dec.prefill(ids, torch.ones_like(ids))
-    tok = torch.arange(5, 5 + batch, device="cuda")
+    dec, tok = _eager_decoder(model, config, batch)
     triton_moe.route_triton = counting
     try:
         for _ in range(steps):
