@@ -23,11 +23,13 @@ SCRIPTS_DIR = sysconfig.get_path("scripts")
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """Environment for a ``nemotron`` subprocess: our scripts first on PATH, no color, no
-    inherited debug or completion variables."""
+    """Environment for a ``nemotron`` subprocess: our scripts first on PATH, this checkout first on
+    PYTHONPATH (the console script then imports this tree's code even where the editable install
+    points at another copy), no color, no inherited debug or completion variables."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("NEMOTRON_DEBUG", "_NEMOTRON_COMPLETE", "FORCE_COLOR")}
     env["PATH"] = os.pathsep.join([SCRIPTS_DIR, env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["NO_COLOR"] = "1"
     env.update(extra)
     return env

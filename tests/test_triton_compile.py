@@ -18,6 +18,9 @@ pytest.importorskip("triton")
 def test_all_kernels_compile_for_sm90() -> None:
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_sm90_compile.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # This checkout's code, whatever the installed package points at.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
     report = run.stdout[-8000:] + run.stderr[-4000:]
     assert run.returncode == 0, report
