@@ -325,6 +325,16 @@ def test_generate_with_adapter(cli_model):
     a, b = json.loads(plain.stdout), json.loads(adapted.stdout)
     assert a["completion_tokens"] == b["completion_tokens"] == 5
     assert a["text"] != b["text"]
+    # The reference: the library's greedy generate on the base model with the adapter loaded unmerged.
+    from nemotron_core.generation import SamplingConfig, generate
+    from nemotron_core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    model = ours(model_dir)
+    load_adapter(model, adapter, merge=False)
+    ref = generate(model, [tok("hi")["input_ids"]], SamplingConfig(max_new_tokens=5, do_sample=False,
+                                                                    eos_token_ids=[]))
+    assert b["text"] == tok.decode(ref.sequences[0], skip_special_tokens=True)
 
 
 def test_generate_bad_adapter_exits_2(cli_model, tmp_path):
@@ -347,10 +357,10 @@ def test_help_mentions_adapter():
 
 # ---- nemotron convert --adapter -------------------------------------------------------------------------------
 def test_convert_merges_an_adapter(cli_model, tmp_path):
-    """The merged directory is a plain model reproducing base + adapter, up to the merge's rounding
-    (convert.VERIFY_MERGE_RTOL) in fp32 and the bf16 rounding when cast; --verify checks it."""
-    from nemotron_core.convert import VERIFY_MERGE_RTOL
-
+    """The merged directory is a plain model reproducing base + adapter, up to the merge's fp32
+    rounding (W + s * B @ A rounded once; measured 8e-7 here, held to 1e-5 as the other merge tests
+    are; convert's --verify allows VERIFY_MERGE_RTOL = 1e-3 for real models' deeper stacks) and the
+    bf16 rounding when cast; --verify checks it."""
     from nemotron_cli.app import app
 
     model_dir, _ = cli_model
@@ -366,7 +376,7 @@ def test_convert_merges_an_adapter(cli_model, tmp_path):
     with_adapter = ours(model_dir)
     load_adapter(with_adapter, adapter)
     want = logits(with_adapter, ids)
-    for dtype, tol in (("fp32", VERIFY_MERGE_RTOL), ("bf16", 3e-2)):
+    for dtype, tol in (("fp32", 1e-5), ("bf16", 3e-2)):
         out = tmp_path / dtype
         r = CliRunner().invoke(app, ["convert", str(model_dir), str(out), "--adapter", str(adapter),
                                      "--dtype", dtype, "--verify", "--json"])

@@ -330,12 +330,6 @@ def test_labels_shape_mismatch_bshd(shape, hybrid):
         hybrid(input_ids=torch.randint(0, VOCAB, (1, 8)), labels=torch.zeros(shape, dtype=torch.long))
 
 
-# A THD label row of the wrong length reaches shift_labels' document mask (model.py) and fails there
-# with a RuntimeError; the fix (a labels-shape check in shift_labels) is described in the report.
-_NEEDS_MODEL_FIX = pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                     reason="model.py shift_labels lacks a labels-shape check for THD")
-
-
 @pytest.mark.parametrize("shape", [
     (1, 9),
     (9,),

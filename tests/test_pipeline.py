@@ -77,7 +77,12 @@ def test_stage_metas_describe_real_outputs() -> None:
 
 def test_trimmed_stage_initializes_and_bad_splits_are_refused() -> None:
     stages = split_model(_model("tiny"), 2)
+    with torch.no_grad():
+        for p in stages[1].parameters():
+            p.fill_(float("nan"))
     stages[1].initialize_weights(dtype=torch.float32)  # no embeddings on this stage: guarded
+    assert stages[1].model.embed_tokens is None
+    assert all(torch.isfinite(p).all() for p in stages[1].parameters())  # every kept weight drawn
     with pytest.raises(InputError):
         balanced_layer_split(8, 9)
     assert [len(r) for r in balanced_layer_split(8, 3)] == [3, 3, 2]

@@ -320,14 +320,20 @@ def test_moe_block_runs_shared_expert_inside_the_decode_gemv(monkeypatch) -> Non
             assert calls == [True], "the shared expert did not run inside the GEMV"
             # An adapter on the shared expert keeps it out of the GEMV (its LoRA path would be skipped).
             lora = LoRALinear(block.shared_experts.up_proj, r=2, scaling=1.0)
+            with torch.no_grad():  # a trained-looking adapter (B starts at zero: no change at all)
+                lora.lora_B.weight.copy_(torch.randn(lora.lora_B.weight.shape, generator=g))
             assert moe._plain_weights(block.shared_experts) is not None
             m.setattr(block.shared_experts, "up_proj", lora)
             assert moe._plain_weights(block.shared_experts) is None
             calls.clear()
             with_adapter = block(x, residual=residual)
             assert calls == [False]  # routed experts only
+            # The reference with the same adapter: the torch path throughout.
+            m.setattr(moe, "_decode_gemv", lambda *a: False)
+            want_adapter = block(x, residual=residual)
         assert got.shape == want.shape and tiny.rel_err(want, got) <= TOL
-        assert tiny.rel_err(want, with_adapter) <= TOL  # LoRA B starts at zero: the same function
+        assert tiny.rel_err(want_adapter, want) > 1e-3  # the adapter matters
+        assert tiny.rel_err(want_adapter, with_adapter) <= TOL
 
 
 # ---- norms folded into the decode kernels ------------------------------------------------------------------
