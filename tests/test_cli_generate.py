@@ -7,6 +7,7 @@ OMP_NUM_THREADS=1: tiny matrices, and a shared CPU makes OpenMP spin-waiting ver
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,7 +19,6 @@ from cli_helpers import interrupt_when, run_nemotron
 
 JSON_KEYS = {"index", "prompt", "text", "prompt_tokens", "completion_tokens", "finish_reason", "timings"}
 TIMING_KEYS = {"prefill_s", "decode_s", "tokens_per_s"}
-REASONS = {"eos", "length", "stop", "interrupted"}
 FAST = {"OMP_NUM_THREADS": "1"}
 
 
@@ -52,6 +52,24 @@ def invoke(runner: CliRunner, *args: str, input: str | None = None):
 
 def json_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines()]
+
+
+def tweaked_copy(model_dir: Path, dest: Path, file: str = "config.json", **fields) -> Path:
+    """A copy of the model directory with ``fields`` set in one of its JSON files."""
+    shutil.copytree(model_dir, dest)
+    cfg = json.loads((dest / file).read_text())
+    cfg.update(fields)
+    (dest / file).write_text(json.dumps(cfg))
+    return dest
+
+
+def assert_timings(row: dict) -> None:
+    """``tokens_per_s`` is completion_tokens / decode_s, up to the JSON's rounding (decode_s to 6 decimals,
+    tokens_per_s to 3: half a unit of each, plus a hair for float error)."""
+    t = row["timings"]
+    assert set(t) == TIMING_KEYS and t["prefill_s"] > 0 and t["decode_s"] > 0, t
+    n, d = row["completion_tokens"], t["decode_s"]
+    assert n / (d + 5.1e-7) - 5.1e-4 <= t["tokens_per_s"] <= n / (d - 5.1e-7) + 5.1e-4, row
 
 
 def assert_one_error_line(stderr: str, contains: str = "") -> None:
@@ -90,12 +108,14 @@ def test_json_prompt_file_round_trip(model_dir, tmp_path):
     assert [r["index"] for r in rows] == [0, 1, 2]
     for row, rec in zip(rows, records):
         assert set(row) == JSON_KEYS
-        assert set(row["timings"]) == TIMING_KEYS
+        assert_timings(row)
         assert row["prompt"] == rec.get("prompt", rec.get("messages"))
         assert isinstance(row["text"], str)
         assert 1 <= row["completion_tokens"] <= 6
-        assert row["finish_reason"] in REASONS - {"interrupted", "stop"}
+        # Fewer tokens than asked only through an EOS (an EOS as 6th token would also be "eos": this seed draws none).
+        assert row["finish_reason"] == ("eos" if row["completion_tokens"] < 6 else "length")
         assert row["prompt_tokens"] > 0
+    assert rows[0]["timings"] == rows[1]["timings"]  # the timings of the batch a row ran in
     # The chat record went through the template: <|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n
     assert rows[1]["prompt_tokens"] > rows[0]["prompt_tokens"]
 
@@ -107,11 +127,7 @@ def test_json_prompt_file_round_trip(model_dir, tmp_path):
 
 def test_sigint_keeps_text_and_exits_130(model_dir, tmp_path):
     # A copy with a very long position limit, so the run cannot finish before the interrupt.
-    long_dir = tmp_path / "long"
-    shutil.copytree(model_dir, long_dir)
-    cfg = json.loads((long_dir / "config.json").read_text())
-    cfg["max_position_embeddings"] = 200_000
-    (long_dir / "config.json").write_text(json.dumps(cfg))
+    long_dir = tweaked_copy(model_dir, tmp_path / "long", max_position_embeddings=200_000)
     code, first, rest, err = interrupt_when(
         ["generate", str(long_dir), "--prompt", "Once upon a time", "--max-new-tokens", "100000", "--greedy"],
         ready=bool, deadline_s=90, settle_s=0.3, **FAST)  # the first streamed text
@@ -122,6 +138,36 @@ def test_sigint_keeps_text_and_exits_130(model_dir, tmp_path):
     assert len(stdout.strip()) >= len(first.strip()) > 0
     assert stdout.endswith("\n")
     assert "interrupted" in stderr and "Traceback" not in stderr
+
+
+def test_sigint_in_json_mode_prints_the_batch_so_far(model_dir, runner, tmp_path):
+    """Ctrl-C while the second of four one-prompt batches decodes: the finished row, the interrupted row with
+    what it had, no later batches, exit code 130."""
+    from transformers import AutoTokenizer
+
+    # --max-new-tokens is capped per batch to the model's limit: a limit 8 tokens past the long first prompt
+    # makes its batch short, while the short prompts after it may run for thousands of tokens, however fast
+    # the machine. The interrupt comes 0.2 s after the first row, in the second batch's decoding.
+    long_prompt = "word " * 1000
+    limit = len(AutoTokenizer.from_pretrained(str(model_dir))(long_prompt)["input_ids"]) + 8
+    capped = tweaked_copy(model_dir, tmp_path / "capped", max_position_embeddings=limit)
+    pfile = tmp_path / "prompts.txt"
+    pfile.write_text(f"{long_prompt}\nOnce upon a time\nThe capital of France\nx y\n")
+    code, first, rest, err = interrupt_when(
+        ["generate", str(capped), "-f", str(pfile), "-b", "1", "--json", "--greedy", "-n", "5000"],
+        ready=lambda out: b"\n" in out, settle_s=0.2, **FAST)
+    assert code == 130, err
+    assert err.decode().splitlines()[-1] == "interrupted" and b"Traceback" not in err
+    rows = json_lines((first + rest).decode())
+    assert [r["index"] for r in rows] == [0, 1]  # the batches after the interrupted one never ran
+    assert rows[0]["finish_reason"] == "length" and rows[0]["completion_tokens"] == 8
+    assert rows[1]["finish_reason"] == "interrupted"
+    assert 0 < rows[1]["completion_tokens"] < limit - rows[1]["prompt_tokens"]
+    assert_timings(rows[1])
+    # "what was generated so far": greedy decoding asked for exactly that many tokens gives the same text
+    alone = invoke(runner, str(capped), "--prompt", "Once upon a time", "--greedy", "--json",
+                   "-n", str(rows[1]["completion_tokens"]))
+    assert json_lines(alone.stdout)[0]["text"] == rows[1]["text"]
 
 
 # ---- options (in-process) -----------------------------------------------------------------------------------------
@@ -156,7 +202,8 @@ def test_chat_and_system(model_dir, runner):
 
 
 def test_stop_string_cuts_text(model_dir, runner):
-    base = (str(model_dir), "--prompt", "The capital of France", "--greedy", "-n", "24")
+    prompt = (str(model_dir), "--prompt", "The capital of France", "--greedy")
+    base = (*prompt, "-n", "24")
     full = json_lines(invoke(runner, *base, "--json").stdout)[0]
     text = full["text"]
     stop = next(text[i:i + 2] for i in range(len(text) // 3, len(text) - 2)
@@ -169,10 +216,102 @@ def test_stop_string_cuts_text(model_dir, runner):
     assert row["text"] == want
     assert row["finish_reason"] == "stop"
     assert row["completion_tokens"] < full["completion_tokens"]
+    # completion_tokens runs through the token that completed the stop string. Greedy decoding with -n k
+    # gives the first k tokens of the full run: the text of one token fewer must not hold the stop string yet.
+    upto = lambda k: json_lines(invoke(runner, *prompt, "-n", str(k), "--json").stdout)[0]["text"]  # noqa: E731
+    assert stop not in upto(row["completion_tokens"] - 1)
+    assert stop in upto(row["completion_tokens"])
 
     streamed = invoke(runner, *base, "--quiet", "--stop", stop)  # one prompt, human mode: streamed
     assert streamed.exit_code == 0, streamed.stderr
     assert streamed.stdout == want + ("" if want.endswith("\n") else "\n")
+
+
+def greedy_ids(model_dir: Path, prompt: str, n: int) -> list[int]:
+    """Token ids of a greedy run without EOS ids (--json shows only the text): the core decode loop."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from nemotron_core.generation import SamplingConfig, generate
+    from nemotron_core.modeling.model import NemotronHForCausalLM
+
+    lm = NemotronHForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    ids = AutoTokenizer.from_pretrained(str(model_dir))(prompt)["input_ids"]
+    return generate(lm, [ids], SamplingConfig(max_new_tokens=n, do_sample=False)).sequences[0]
+
+
+@pytest.mark.parametrize("form", ["int", "list"])
+def test_eos_from_generation_config(model_dir, runner, tmp_path, form):
+    """generation_config.json's eos_token_id (an int or a list) ends a row at its first EOS: finish_reason
+    "eos", the EOS counted in completion_tokens, the text that of the tokens before it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    args = ("--prompt", "Hello", "--greedy", "--json")
+    full = json_lines(invoke(runner, str(model_dir), *args, "-n", "16").stdout)[0]
+    ids = greedy_ids(model_dir, "Hello", 16)
+    assert full["finish_reason"] == "length" and tok.decode(ids, skip_special_tokens=True) == full["text"]
+    # Positions > 0 holding a token's first occurrence (an earlier copy of the token would end the row there).
+    firsts = [i for i in range(1, len(ids)) if ids[i] not in ids[:i]]
+    at, later = firsts[len(firsts) // 3], firsts[-1]
+    eos = ids[at] if form == "int" else [ids[later], ids[at]]  # a list: any of its ids ends the row
+    copy = tweaked_copy(model_dir, tmp_path / "eos", "generation_config.json", eos_token_id=eos)
+
+    r = invoke(runner, str(copy), *args, "-n", "16")
+    assert r.exit_code == 0, r.stderr
+    row = json_lines(r.stdout)[0]
+    assert row["finish_reason"] == "eos"
+    assert row["completion_tokens"] == at + 1  # the EOS counts
+    before = json_lines(invoke(runner, str(model_dir), *args, "-n", str(at)).stdout)[0]  # the tokens before it
+    assert row["text"] == before["text"]
+    assert_timings(row)
+
+
+def test_batches_match_single_prompts(model_dir, runner, tmp_path):
+    """Greedy rows of left-padded batches (3, then 2 prompts of different lengths) are each prompt's output
+    alone, in input order."""
+    prompts = ["Hi", "Once upon a time there was", "The capital of France is", "x y", "Hello"]
+    pfile = tmp_path / "prompts.txt"
+    pfile.write_text("\n".join(prompts) + "\n")
+    base = ("--greedy", "-n", "8", "--json")
+    r = invoke(runner, str(model_dir), "-f", str(pfile), "-b", "3", *base)
+    assert r.exit_code == 0, r.stderr
+    rows = json_lines(r.stdout)
+    alone = [json_lines(invoke(runner, str(model_dir), "--prompt", p, *base).stdout)[0] for p in prompts]
+    assert len({a["prompt_tokens"] for a in alone[:3]}) == 3  # the first batch is padded
+    assert len({a["text"] for a in alone}) == len(prompts)  # so a row in the wrong place shows
+    strip = lambda row: {k: v for k, v in row.items() if k not in ("index", "timings")}  # noqa: E731
+    assert [row["index"] for row in rows] == list(range(len(prompts)))
+    assert [strip(row) for row in rows] == [strip(a) for a in alone]
+
+
+@pytest.mark.parametrize("fields", [{"temperature": 0}, {"top_k": 1}], ids=["temperature_0", "top_k_1"])
+def test_sampling_defaults_from_generation_config(model_dir, runner, tmp_path, fields):
+    """An option left out takes generation_config.json's value: temperature 0 is greedy, and so is sampling
+    among the top 1 token. An option given wins over the file."""
+    copy = tweaked_copy(model_dir, tmp_path / "cfg", "generation_config.json", **fields)
+    base = ("--prompt", "Hello", "-n", "16", "--json", "--seed", "0")
+    greedy = json_lines(invoke(runner, str(model_dir), *base, "--greedy").stdout)[0]
+    r = invoke(runner, str(copy), *base)
+    assert r.exit_code == 0, r.stderr
+    row = json_lines(r.stdout)[0]
+    assert row == {**greedy, "timings": row["timings"]}
+    sampled = json_lines(invoke(runner, str(copy), *base, "--temperature", "1", "--top-k", "0").stdout)[0]
+    assert sampled["text"] != greedy["text"]
+
+
+def test_max_new_tokens_capped_at_the_model_limit(model_dir, runner, tmp_path):
+    short = tweaked_copy(model_dir, tmp_path / "short", max_position_embeddings=16)
+    args = (str(short), "--prompt", "Hello", "--greedy", "--json")
+    r = invoke(runner, *args, "-n", "100")
+    assert r.exit_code == 0, r.stderr
+    row = json_lines(r.stdout)[0]
+    room = 16 - row["prompt_tokens"]
+    assert r.stderr == f"warning: --max-new-tokens 100 capped at {room}: the model's limit is 16 positions\n"
+    assert row["completion_tokens"] == room and row["finish_reason"] == "length"
+    exact = invoke(runner, *args, "-n", str(room))  # fits: no warning, the same completion
+    assert exact.exit_code == 0 and exact.stderr == ""
+    assert json_lines(exact.stdout)[0]["text"] == row["text"]
 
 
 def test_stdin_prompt_and_several_prompts(model_dir, runner, tmp_path):
@@ -195,14 +334,19 @@ def test_stdin_prompt_and_several_prompts(model_dir, runner, tmp_path):
 
 
 # ---- bad input: exit 2, one `error:` line ------------------------------------------------------------------------
-def _write(tmp_path: Path, name: str, text: str) -> str:
+def _write(tmp_path: Path, name: str, text: str | bytes, mode: int | None = None) -> str:
     p = tmp_path / name
-    p.write_text(text)
+    if isinstance(text, bytes):
+        p.write_bytes(text)
+    else:
+        p.write_text(text)
+    if mode is not None:
+        p.chmod(mode)
     return str(p)
 
 
 @pytest.mark.parametrize("case", ["empty", "top_p_0", "top_p_big", "temperature", "missing_file", "bad_json",
-                                  "no_prompt_key", "both", "device"])
+                                  "no_prompt_key", "both", "device", "not_utf8", "directory", "unreadable"])
 def test_bad_input_before_loading(model_dir, tmp_path, case):
     """Checked before torch is imported, so the real command answers fast."""
     args, needle = {
@@ -216,7 +360,12 @@ def test_bad_input_before_loading(model_dir, tmp_path, case):
         "no_prompt_key": (["--prompt-file", _write(tmp_path, "q.jsonl", '{"text": "hi"}\n')], "line 1"),
         "both": (["--prompt", "x", "--prompt-file", _write(tmp_path, "p.txt", "x\n")], "--prompt-file"),
         "device": (["--prompt", "x", "--device", "tpu"], "--device"),
+        "not_utf8": (["--prompt-file", _write(tmp_path, "latin.txt", b"\xff\xfe\xfa")], "not UTF-8"),
+        "directory": (["--prompt-file", str(tmp_path)], "is a directory"),
+        "unreadable": (["--prompt-file", _write(tmp_path, "secret.txt", "x\n", mode=0)], "not readable"),
     }[case]
+    if case == "unreadable" and os.access(args[1], os.R_OK):
+        pytest.skip("this user can read a mode-000 file (root)")
     proc = gen(str(model_dir), *args, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
@@ -234,11 +383,7 @@ def test_bad_input_after_loading(model_dir, runner, tmp_path):
     assert_one_error_line(r.stderr, "config.json")
 
     # prompt longer than the model's limit
-    short = tmp_path / "short"
-    shutil.copytree(model_dir, short)
-    cfg = json.loads((short / "config.json").read_text())
-    cfg["max_position_embeddings"] = 16
-    (short / "config.json").write_text(json.dumps(cfg))
+    short = tweaked_copy(model_dir, tmp_path / "short", max_position_embeddings=16)
     r = invoke(runner, str(short), "--prompt", "word " * 40)
     assert r.exit_code == 2 and r.stdout == ""
     assert_one_error_line(r.stderr, "limit is 16")
