@@ -148,6 +148,9 @@ def load_weights(model: torch.nn.Module, files: list[Path]) -> list[str]:
                     raise CheckpointError(f"tensor {key}: expert {expert} but config.json has {dst.shape[0]} experts")
                 if got != want:
                     raise CheckpointError(f"tensor {key} has shape {list(got)} but config.json implies {list(want)}")
+                stored = f.get_slice(key).get_dtype()  # "BF16", "F32", "I32", ...
+                if dst.is_floating_point() and not stored.startswith(("F", "BF")):
+                    raise CheckpointError(f"tensor {key} is stored as {stored}, not as floating-point weights")
                 try:
                     src = f.get_tensor(key)
                 except (SafetensorError, OSError, ValueError) as e:
@@ -188,11 +191,18 @@ def load_pretrained(cls, path: str | os.PathLike, device: str | torch.device | N
     gen = d / "generation_config.json"
     if gen.is_file():
         from transformers import GenerationConfig
+        from transformers.utils import logging as hf_logging
 
+        # Quiet: transformers warns about sampling fields set without do_sample (flags its generate would
+        # ignore), which `nemotron generate` does use.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
         try:
             model.generation_config = GenerationConfig.from_pretrained(str(d))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{gen}: invalid generation config ({e})") from e
+        finally:
+            hf_logging.set_verbosity(verbosity)
     model.eval()
     return model
 
@@ -248,11 +258,17 @@ def save_pretrained(model, out_dir: str | os.PathLike, max_shard_size: int | str
 
 
 def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Carry tokenizer and generation files from one model directory to another."""
+    """Carry tokenizer and generation files from one model directory to another; a JSON file among
+    them that does not parse is refused (rather than passed on to fail in whatever loads the copy)."""
     copied = []
     for name in CARRY_FILES:
         p = Path(src) / name
         if p.is_file():
+            if p.suffix == ".json":
+                try:
+                    json.loads(p.read_text(encoding="utf-8"))
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise ConfigError(f"{p}: not valid JSON ({e})") from None
             shutil.copy2(p, Path(dst) / name)
             copied.append(name)
     return copied

@@ -11,7 +11,7 @@ from .checkpoint import copy_side_files, save_pretrained, stored_dtype, weight_f
 from .dtypes import cast_model, dtype_name, parse_dtype
 from .config import load_config
 from .errors import ConfigError, NemotronError
-from .io_utils import atomic_output_dir, check_output_dir, human_bytes, parse_size
+from .io_utils import atomic_output_dir, check_not_replacing, check_output_dir, human_bytes, parse_size
 
 # Relative tolerance on the largest logit when the dtype changes: a cast's rounding, not a bug.
 VERIFY_RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -61,6 +61,7 @@ def convert_model_dir(src: str | os.PathLike, dst: str | os.PathLike, dtype: str
     load_config(src)
     src_dtype = stored_dtype(weight_files(src))
     check_output_dir(dst, force)
+    check_not_replacing(dst, src, adapter)
     parse_size(max_shard_size)
     want = parse_dtype(dtype) or src_dtype
     # An adapter is merged in fp32 and the sum rounded once, on save, to the target dtype.

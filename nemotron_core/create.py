@@ -10,7 +10,7 @@ import torch
 
 from .config import NemotronHConfig, config_from_dict, set_config_value
 from .dtypes import cast_model, dtype_name, parse_dtype
-from .errors import ConfigError
+from .errors import ConfigError, check_seed
 from .io_utils import atomic_output_dir, human_bytes, parse_size
 from .params import count_parameters
 from .presets import preset_config_dict
@@ -67,6 +67,7 @@ def create_model_dir(out_dir: str | os.PathLike, preset: str = "tiny", overrides
     from .checkpoint import save_pretrained
     from .tokenizer import save_tokenizer
 
+    check_seed(seed, "--seed")
     config = build_config(preset, overrides)
     torch_dtype = parse_dtype(dtype)
     parse_size(max_shard_size)  # a bad size fails now, not after the weights are drawn

@@ -31,3 +31,14 @@ class CheckpointError(InputError):
 
 class OutputExistsError(InputError):
     """The output path exists and is not empty; pass --force to replace it."""
+
+
+# Seeds are kept to int64's non-negative range: torch.Generator.manual_seed takes those (and a command
+# adds small offsets per batch), while Python ints beyond 64 bits fail inside torch with an overflow.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: int | None, name: str = "seed") -> None:
+    """An InputError naming ``name`` for a seed outside [0, MAX_SEED] (None: no seed, fine)."""
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise InputError(f"{name} must be in [0, {MAX_SEED}], got {seed}")

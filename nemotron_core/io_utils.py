@@ -57,6 +57,34 @@ def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
     return p
 
 
+def check_not_replacing(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """Refuse an output that is one of the inputs or a directory holding one: writing it (with
+    --force: replacing it) would destroy what the command reads."""
+    out = Path(output).resolve()
+    for src in inputs:
+        if src is None:
+            continue
+        s = Path(src).resolve()
+        if s == out:
+            raise InputError(f"{output} is also the input {src}; choose another output path")
+        if out in s.parents:
+            raise InputError(f"{output} contains the input {src}; choose another output path")
+
+
+def _make_parent(final: Path, shown: str | os.PathLike) -> Path:
+    """A temporary directory beside ``final`` (its parent created if missing); a one-line error naming
+    the path as the user gave it (``shown``), not the temporary one, when that is impossible."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except FileExistsError as e:  # a file where a directory of the path should be
+        raise InputError(f"cannot create {shown}: {e.filename} is a file, not a directory") from None
+    except NotADirectoryError:
+        raise InputError(f"cannot create {shown}: a part of its path is a file, not a directory") from None
+    except OSError as e:
+        raise InputError(f"cannot write {shown}: {e.strerror or e}") from None
+
+
 def _apply_umask(root: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
@@ -72,8 +100,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
     An exception or interrupt removes the temporary directory and leaves ``path`` untouched, so a
     user never finds a half-written model where a complete one (or nothing) was."""
     final = check_output_dir(path, force).resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = _make_parent(final, path)
     backup = None
     try:
         yield tmp

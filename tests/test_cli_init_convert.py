@@ -575,6 +575,24 @@ def _break_only_bin(d: Path) -> None:
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
 
 
+def _break_int_weights(d: Path) -> None:
+    """A projection stored as int32 (right shape): must not be cast silently into a float model."""
+    from safetensors.torch import load_file, save_file
+
+    for shard in weight_files(d):
+        tensors = load_file(shard)
+        key = next((k for k in tensors if k.endswith("q_proj.weight")), None)
+        if key is not None:
+            tensors[key] = tensors[key].to(torch.int32)
+            save_file(tensors, shard, metadata={"format": "pt"})
+            return
+    raise AssertionError("no q_proj in the checkpoint")
+
+
+def _break_tokenizer_json(d: Path) -> None:
+    (d / "tokenizer.json").write_text("{bad")
+
+
 BROKEN_MODELS = {
     "no-config": (_break_missing_config, ["config.json"]),
     "invalid-json": (_break_invalid_json, ["config.json", "not valid JSON"]),
@@ -584,6 +602,8 @@ BROKEN_MODELS = {
     "missing-shard": (_break_missing_shard, ["model-00002-of-", "missing"]),
     "shape-vs-config": (_break_shape, ["shape", "config.json"]),
     "only-pytorch-bin": (_break_only_bin, [".bin", "safetensors"]),
+    "int-weights": (_break_int_weights, ["q_proj", "I32", "floating-point"]),
+    "corrupt-tokenizer-json": (_break_tokenizer_json, ["tokenizer.json", "not valid JSON"]),
 }
 
 
@@ -652,6 +672,33 @@ def test_convert_refuses_a_non_empty_output_and_force_replaces_it(tiny_dir: Path
     assert not (dst / "notes.txt").exists()
     assert_bit_exact(read_tensors(tiny_dir), read_tensors(dst))
     assert leftovers(dst) == []
+
+
+def test_convert_refuses_to_write_over_its_input(tiny_dir: Path, tmp_path: Path) -> None:
+    """Neither the source itself nor a directory holding it, even with --force: replacing either would
+    delete the model being read."""
+    outer = tmp_path / "outer"
+    shutil.copytree(tiny_dir, outer / "m")
+    before = read_tensors(outer / "m")
+    assert_one_error_line(cli("convert", outer / "m", outer / "m", "--force"), "is also the input")
+    assert_one_error_line(cli("convert", outer / "m", outer, "--force"), "contains the input")
+    assert_bit_exact(before, read_tensors(outer / "m"))
+    assert sorted(p.name for p in outer.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("command", ["init", "convert"])
+def test_output_under_a_file_is_named(command: str, tiny_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    args = ["init"] if command == "init" else ["convert", tiny_dir]
+    out = tmp_path / "notes.txt" / "model"
+    assert_one_error_line(cli(*args, out, "--quiet"), f"cannot create {out}", "is a file")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_init_rejects_a_seed_out_of_range(seed: str, tmp_path: Path) -> None:
+    assert_one_error_line(cli("init", tmp_path / "m", "--seed", seed), "--seed must be in [0, ")
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("args", [["init", "x", "--bogus"], ["convert", "a", "b", "--bogus"],
