@@ -6,6 +6,7 @@ instant); command modules import heavy libraries inside their function bodies.
 from __future__ import annotations
 
 import importlib
+import io
 import os
 from typing import Annotated
 
@@ -72,6 +73,19 @@ def _register_commands(target: typer.Typer) -> None:
 _register_commands(app)
 
 
+class _ClosedStdout(io.TextIOBase):
+    """Stands in for a closed stdout: a write fails as writing to a closed descriptor does in a shell
+    (one error line, exit 1), and a command that writes nothing there runs as usual."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        from nemotron_core.errors import NemotronError
+
+        raise NemotronError("standard output is closed")
+
+
 def main() -> None:
     """Console-script entry point (``nemotron``)."""
     if os.environ.get("_NEMOTRON_COMPLETE"):
@@ -85,6 +99,16 @@ def main() -> None:
     # error: one line on stderr, exit 2 (Click's own is a usage line, a hint and a framed box).
     import sys
 
+    if sys.stdout is None:  # started with stdout closed (`nemotron ... >&-`)
+        sys.stdout = _ClosedStdout()
+    for arg in sys.argv[1:]:
+        # Bytes that are not UTF-8 reach Python as lone surrogates, which tokenizers and file writes
+        # reject deep inside; name the argument instead.
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            print(f"error: argument {arg!r} is not valid UTF-8", file=sys.stderr)
+            sys.exit(2)
     # The Click that Typer runs on (its own copy since Typer 0.22), reached through a class Typer exports.
     errors = sys.modules[typer.BadParameter.__module__]
     try:

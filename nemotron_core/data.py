@@ -128,6 +128,11 @@ def _parse_line(
     if record is None:
         return None
 
+    # One format a line: a line with two (say "prompt" and "messages") would train on one of them silently.
+    formats = [f for f, keys in (('"text"', ("text",)), ('"prompt"/"completion"', ("prompt", "completion")),
+                                 ('"messages"', ("messages",))) if any(k in record for k in keys)]
+    if len(formats) > 1:
+        raise _LineError(f"the line has both {formats[0]} and {formats[1]}; use one format a line")
     if "text" in record:
         input_ids, labels = _text_example(record, tokenizer)
     elif "prompt" in record or "completion" in record:

@@ -534,6 +534,25 @@ def make_lm_eval_model(model_dir: str | os.PathLike | None = None, *, model: tor
     return register_lm_eval()(pretrained=model_dir, model=model, tokenizer=tokenizer, **kwargs)
 
 
+def _first_broken_yaml(folder: Path) -> str | None:
+    """``"FILE does not parse (PROBLEM)"`` for the first task YAML under ``folder`` that is not valid YAML,
+    else None. lm-eval's tags (``!function ...``) are accepted: only the syntax is checked."""
+    import yaml
+
+    class _AnyTag(yaml.SafeLoader):
+        pass
+
+    _AnyTag.add_multi_constructor("!", lambda loader, tag, node: None)
+    for path in sorted(folder.rglob("*.y*ml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=_AnyTag)
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+            where = getattr(e, "problem_mark", None)
+            at = f"line {where.line + 1}: " if where is not None else ""
+            return f"{path} does not parse ({at}{getattr(e, 'problem', None) or e})"
+    return None
+
+
 def resolve_tasks(tasks: Sequence[str], include_path: str | os.PathLike | None = None) -> tuple[list[str], Any]:
     """Check task names (glob patterns allowed, or paths to task YAMLs) and build the TaskManager.
 
@@ -564,6 +583,9 @@ def resolve_tasks(tasks: Sequence[str], include_path: str | os.PathLike | None =
         manager = TaskManager(include_path=include)
     unknown = missing(manager)
     if unknown:
+        broken = _first_broken_yaml(Path(include)) if include else None
+        if broken:  # lm-eval skips a task file it cannot parse, so the task looks unknown: say why
+            raise InputError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: {broken}")
         where = f"in {include} or " if include else ""
         raise InputError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not found {where}among "
                          "lm-eval's tasks (`lm-eval ls tasks` lists them; --include-path adds a folder of task YAMLs)")

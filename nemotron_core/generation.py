@@ -12,6 +12,7 @@ with the step, so a token costs one graph replay and no other launch.
 from __future__ import annotations
 
 import gc
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 
 from .batch import BatchMeta
 from .cache import NemotronHybridCache
-from .errors import InputError
+from .errors import InputError, check_seed
 from .ops import triton_pick
 
 # Short prompts prefill through a CUDA graph: there the forward is bound by host-side launch cost
@@ -68,16 +69,17 @@ class SamplingConfig:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 <= self.min_p < 1:
             raise InputError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise InputError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:

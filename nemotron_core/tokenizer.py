@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nemotron_core.errors import ConfigError
@@ -374,6 +375,13 @@ def load_tokenizer(model_dir: str | os.PathLike):
 
     from nemotron_core.errors import InputError
 
+    d = Path(model_dir)
+    # The files a fast tokenizer can be built from; transformers' own message for none of them talks of
+    # sentencepiece and tiktoken instead of the missing file.
+    sources = ("tokenizer.json", "tokenizer.model", "vocab.json")
+    if d.is_dir() and not any((d / name).is_file() for name in sources):
+        odd = next((name for name in sources if (d / name).exists()), None)
+        raise InputError(f"{model_dir}: {odd} is not a file" if odd else f"{model_dir}: no tokenizer (tokenizer.json is missing)")
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:

@@ -5,6 +5,7 @@ One run goes through the installed command in a subprocess; the rest use Typer's
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -206,3 +207,13 @@ def test_unknown_task_is_exit_2(model_dir, task_dir):
     result = invoke(str(model_dir), "--tasks", "tiny_mc,nope", "--include-path", str(task_dir))
     assert result.exit_code == 2
     assert_one_error_line(result.stderr, "unknown task nope")
+
+
+def test_a_task_yaml_that_does_not_parse_is_named(model_dir, task_dir, tmp_path):
+    """lm-eval skips a task file it cannot parse, so its task looks unknown: the error says which file."""
+    broken = tmp_path / "broken-tasks"
+    shutil.copytree(task_dir, broken)
+    (broken / "bad.yaml").write_text("task: bad\n  : : [\n")
+    result = invoke(str(model_dir), "--tasks", "bad", "--include-path", str(broken))
+    assert result.exit_code == 2
+    assert_one_error_line(result.stderr, f"unknown task bad: {broken / 'bad.yaml'} does not parse (line 2")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -305,6 +306,21 @@ def test_dtype_choices() -> None:
 
 
 # --- (d, e) shell completions -------------------------------------------------------------------
+
+def test_closed_stdout_is_one_error_line() -> None:
+    # `nemotron env --json >&-`: no stdout at all (Python sees None), unlike a reader that went away.
+    proc = subprocess.run(["bash", "-c", f"'{nemotron_exe()}' env --json >&-"], capture_output=True, text=True,
+                          env=cli_env(), timeout=300)
+    assert proc.returncode == EXIT_FAILURE
+    assert proc.stderr == "error: standard output is closed\n"
+
+
+def test_an_argument_that_is_not_utf8_is_named() -> None:
+    proc = subprocess.run([os.fsencode(nemotron_exe()), b"init", b"model\xff"], capture_output=True,
+                          env=cli_env(), cwd="/tmp", timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.decode() == "error: argument 'model\\udcff' is not valid UTF-8\n"
+
 
 def test_completion_scripts_are_up_to_date() -> None:
     proc = subprocess.run([sys.executable, "-m", "nemotron_cli.completions", "--check",

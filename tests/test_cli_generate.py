@@ -314,6 +314,29 @@ def test_max_new_tokens_capped_at_the_model_limit(model_dir, runner, tmp_path):
     assert json_lines(exact.stdout)[0]["text"] == row["text"]
 
 
+def test_do_sample_false_in_generation_config_means_greedy(model_dir, runner, tmp_path):
+    """As in transformers' generate: the file's do_sample false is greedy decoding (whatever temperature it
+    also sets, and without its warning about that on stderr), unless a sampling option is given."""
+    copy = tweaked_copy(model_dir, tmp_path / "cfg", "generation_config.json", do_sample=False, temperature=0.7)
+    base = ("--prompt", "Hello", "-n", "16", "--json", "--seed", "0")
+    greedy = json_lines(invoke(runner, str(model_dir), *base, "--greedy").stdout)[0]
+    r = invoke(runner, str(copy), *base)
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+    assert json_lines(r.stdout)[0]["text"] == greedy["text"]
+    sampled = json_lines(invoke(runner, str(copy), *base, "--temperature", "1").stdout)[0]
+    assert sampled["text"] != greedy["text"]
+
+
+def test_huge_max_new_tokens_sizes_the_cache_for_the_cap(model_dir, runner, tmp_path):
+    """-n far beyond the model's limit is capped, and so is the cache: sized for the asked number it would
+    need terabytes (this failed to allocate before the fix)."""
+    short = tweaked_copy(model_dir, tmp_path / "short", max_position_embeddings=48)
+    r = invoke(runner, str(short), "--prompt", "Hello", "--greedy", "--json", "-n", str(10**11))
+    assert r.exit_code == 0, r.stderr
+    row = json_lines(r.stdout)[0]
+    assert row["completion_tokens"] == 48 - row["prompt_tokens"] and row["finish_reason"] == "length"
+
+
 def test_stdin_prompt_and_several_prompts(model_dir, runner, tmp_path):
     one = invoke(runner, str(model_dir), "--greedy", "-n", "4", "--json", input="Hello\n")
     assert one.exit_code == 0, one.stderr
@@ -346,7 +369,9 @@ def _write(tmp_path: Path, name: str, text: str | bytes, mode: int | None = None
 
 
 @pytest.mark.parametrize("case", ["empty", "top_p_0", "top_p_big", "temperature", "missing_file", "bad_json",
-                                  "no_prompt_key", "both", "device", "not_utf8", "directory", "unreadable"])
+                                  "no_prompt_key", "both", "device", "not_utf8", "directory", "unreadable",
+                                  "temperature_nan", "temperature_inf", "penalty_inf", "seed_big", "seed_negative",
+                                  "prompt_and_messages"])
 def test_bad_input_before_loading(model_dir, tmp_path, case):
     """Checked before torch is imported, so the real command answers fast."""
     args, needle = {
@@ -363,6 +388,13 @@ def test_bad_input_before_loading(model_dir, tmp_path, case):
         "not_utf8": (["--prompt-file", _write(tmp_path, "latin.txt", b"\xff\xfe\xfa")], "not UTF-8"),
         "directory": (["--prompt-file", str(tmp_path)], "is a directory"),
         "unreadable": (["--prompt-file", _write(tmp_path, "secret.txt", "x\n", mode=0)], "not readable"),
+        "temperature_nan": (["--prompt", "x", "--temperature", "nan"], "--temperature"),
+        "temperature_inf": (["--prompt", "x", "--temperature", "inf"], "--temperature"),
+        "penalty_inf": (["--prompt", "x", "--repetition-penalty", "inf"], "--repetition-penalty"),
+        "seed_big": (["--prompt", "x", "--seed", str(2**64)], "--seed"),
+        "seed_negative": (["--prompt", "x", "--seed", "-3"], "--seed"),
+        "prompt_and_messages": (["--prompt-file", _write(tmp_path, "pm.jsonl", '{"prompt": "a", "messages": '
+                                                  '[{"role": "user", "content": "b"}]}\n')], "line 1"),
     }[case]
     if case == "unreadable" and os.access(args[1], os.R_OK):
         pytest.skip("this user can read a mode-000 file (root)")
@@ -387,6 +419,24 @@ def test_bad_input_after_loading(model_dir, runner, tmp_path):
     r = invoke(runner, str(short), "--prompt", "word " * 40)
     assert r.exit_code == 2 and r.stdout == ""
     assert_one_error_line(r.stderr, "limit is 16")
+
+    # generation_config.json with values that cannot be used: the file is named
+    for fields, needle in (({"temperature": "hot"}, "temperature must be a number"),
+                           ({"temperature": -1}, "generation_config.json sets temperature"),
+                           ({"eos_token_id": [2, 10**6]}, "eos_token_id 1000000 is outside the vocabulary")):
+        bad = tweaked_copy(model_dir, tmp_path / f"gc{len(list(tmp_path.iterdir()))}", "generation_config.json", **fields)
+        r = invoke(runner, str(bad), "--prompt", "x", "-n", "2")
+        assert r.exit_code == 2 and r.stdout == ""
+        assert_one_error_line(r.stderr, needle)
+        assert "generation_config.json" in r.stderr
+
+    # no tokenizer
+    no_tok = tmp_path / "no-tok"
+    shutil.copytree(model_dir, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    r = invoke(runner, str(no_tok), "--prompt", "x")
+    assert r.exit_code == 2
+    assert_one_error_line(r.stderr, "tokenizer.json is missing")
 
     # empty prompt on stdin, bad chat role in a messages record
     r = invoke(runner, str(model_dir), input="  \n")

@@ -175,6 +175,9 @@ BAD_RECORDS = {
         'messages[1] "content" must be a string, got an array',
     ),
     "no-assistant-reply": ({"messages": [{"role": "user", "content": "hello"}]}, "example has no trained token"),
+    "two-formats": ({"prompt": "a", "completion": "b", "messages": [{"role": "user", "content": "x"}]},
+                    'both "prompt"/"completion" and "messages"'),
+    "text-and-prompt": ({"text": "a", "prompt": "b", "completion": "c"}, 'both "text" and "prompt"/"completion"'),
 }
 
 

@@ -14,7 +14,8 @@ the chat template (``--system`` is prepended when they have no system message). 
 tokenized as usual (with the tokenizer's BOS).
 
 Sampling. Tokens are sampled (temperature 1, no top-k/top-p/min-p) unless ``--greedy`` or
-``--temperature 0``; an option left out takes the value generation_config.json sets, if any.
+``--temperature 0``; an option left out takes the value generation_config.json sets, if any, and
+that file's ``"do_sample": false`` means greedy unless a sampling option is given.
 Generation ends at an EOS (generation_config.json's ``eos_token_id``, int or list, plus the
 tokenizer's), a ``--stop`` string, or ``--max-new-tokens`` (capped, with a warning, so that prompt
 plus completion fit ``max_position_embeddings``). ``--seed`` makes sampling reproducible for the
@@ -48,6 +49,7 @@ pickled-only (adapter_model.bin) or mismatched adapter is one ``error:`` line an
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +59,7 @@ import typer
 
 from nemotron_cli.common import EXIT_INTERRUPTED, DType, DeviceOpt, Output, QuietOpt, cli_command, example_epilog
 from nemotron_core.backend import resolve_device
-from nemotron_core.errors import InputError
+from nemotron_core.errors import InputError, check_seed
 from nemotron_core.tokenizer import load_tokenizer
 from nemotron_core.jsonl import parse_json_line
 
@@ -88,6 +90,8 @@ def _parse_jsonl(text: str, origin: str) -> list[PromptRecord]:
             raise InputError(f"{where}: {e}") from None
         if obj is None:
             continue
+        if "messages" in obj and "prompt" in obj:
+            raise InputError(f"{where}: both \"prompt\" and \"messages\"; use one")
         if "messages" in obj:
             msgs = obj["messages"]
             if (not isinstance(msgs, list) or not msgs or not all(
@@ -226,23 +230,24 @@ def _tokens_until_stop(tok, ids: list[int], stops: list[str]) -> int:
 # ---- the command ----------------------------------------------------------------------------------------------
 def _validate(max_new_tokens: int, temperature: float | None, top_k: int | None, top_p: float | None,
               min_p: float | None, repetition_penalty: float | None, batch_size: int, stops: list[str],
-              device: str) -> None:
+              device: str, seed: int | None) -> None:
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature is not None and temperature < 0:
-        raise InputError(f"--temperature must be >= 0, got {temperature}")
+    if temperature is not None and not 0 <= temperature < math.inf:
+        raise InputError(f"--temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 0:
         raise InputError(f"--top-k must be >= 0 (0 = off), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise InputError(f"--top-p must be in (0, 1], got {top_p}")
     if min_p is not None and not 0 <= min_p < 1:
         raise InputError(f"--min-p must be in [0, 1), got {min_p}")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise InputError(f"--repetition-penalty must be > 0, got {repetition_penalty}")
+    if repetition_penalty is not None and not 0 < repetition_penalty < math.inf:
+        raise InputError(f"--repetition-penalty must be a finite number > 0, got {repetition_penalty}")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if any(s == "" for s in stops):
         raise InputError("--stop must not be empty")
+    check_seed(seed, "--seed")
     d = device.strip().lower()
     if d not in ("auto", "cpu", "cuda") and not (d.startswith("cuda:") and d[5:].isdigit()):
         raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
@@ -319,7 +324,7 @@ def generate(
     `--adapter DIR` merges a PEFT-format LoRA adapter into the weights first (decoding runs at base speed).
     """
     stops = list(stop or [])
-    _validate(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, batch_size, stops, device)
+    _validate(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, batch_size, stops, device, seed)
     records = read_prompts(prompt, prompt_file)
     chat = chat or system is not None
     out = Output(json_mode=json_out, quiet=quiet or json_out)  # --json: stdout only, warnings aside
@@ -346,26 +351,51 @@ def generate(
     load_s = time.perf_counter() - t0
 
     gen_cfg = lm.generation_config
+    gen_file = Path(model) / "generation_config.json"
+    from_file: list[str] = []
 
-    def pick(value, key, default):
+    def pick(value, key: str, default, kind):
         """The option if given, else what generation_config.json sets (transformers 5 leaves unset
         fields None), else our default."""
         if value is not None:
             return value
         v = getattr(gen_cfg, key, None)
-        return default if v is None else v
+        if v is None:
+            return default
+        try:
+            v = kind(v)
+        except (TypeError, ValueError):
+            raise InputError(f"{gen_file}: {key} must be a number, got {v!r}") from None
+        from_file.append(key)
+        return v
 
-    eos_ids = _id_list(getattr(gen_cfg, "eos_token_id", None))
+    vocab = lm.config.vocab_size
+    try:
+        eos_ids = _id_list(getattr(gen_cfg, "eos_token_id", None))
+    except (TypeError, ValueError):
+        raise InputError(f"{gen_file}: eos_token_id must be a token id or a list of them") from None
+    if any(not 0 <= i < vocab for i in eos_ids):
+        bad = next(i for i in eos_ids if not 0 <= i < vocab)
+        raise InputError(f"{gen_file}: eos_token_id {bad} is outside the vocabulary [0, {vocab})")
     if tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
         eos_ids.append(int(tok.eos_token_id))
     pad_id = next((int(v) for v in (getattr(gen_cfg, "pad_token_id", None), tok.pad_token_id) if v is not None), 0)
-    temp = float(pick(temperature, "temperature", 1.0))
+    temp = pick(temperature, "temperature", 1.0, float)
+    sampling_options = (temperature, top_k, top_p, min_p)
+    # The file's do_sample: false means greedy (as in transformers' generate), unless a sampling option
+    # is given on the command line, which asks for sampling outright.
+    file_greedy = getattr(gen_cfg, "do_sample", None) is False and all(o is None for o in sampling_options)
     cfg = SamplingConfig(
-        max_new_tokens=max_new_tokens, temperature=temp, top_k=int(pick(top_k, "top_k", 0)),
-        top_p=float(pick(top_p, "top_p", 1.0)), min_p=float(pick(min_p, "min_p", 0.0)),
-        repetition_penalty=float(pick(repetition_penalty, "repetition_penalty", 1.0)),
-        do_sample=not greedy and temp > 0, seed=seed, eos_token_ids=eos_ids)
-    cfg.validate()
+        max_new_tokens=max_new_tokens, temperature=temp, top_k=pick(top_k, "top_k", 0, int),
+        top_p=pick(top_p, "top_p", 1.0, float), min_p=pick(min_p, "min_p", 0.0, float),
+        repetition_penalty=pick(repetition_penalty, "repetition_penalty", 1.0, float),
+        do_sample=not greedy and not file_greedy and temp > 0, seed=seed, eos_token_ids=eos_ids)
+    try:
+        cfg.validate()
+    except InputError as e:
+        if not from_file:
+            raise
+        raise InputError(f"{e} ({gen_file} sets {', '.join(from_file)})") from None
 
     encoded = [encode(tok, r, chat, system) for r in records]
     limit = getattr(lm.config, "max_position_embeddings", None)
@@ -390,7 +420,10 @@ def generate(
     # One decoder per batch size, reused across batches: its cache and captured CUDA graphs (decode
     # step, prefill buckets) then serve every batch instead of being rebuilt for each.
     decoders: dict[int, Decoder] = {}
+    # Sized for the capped completion (below): a huge --max-new-tokens must not size a huge cache.
     room = max(len(p) for p in encoded) + max_new_tokens + PREFILL_BUCKET
+    if limit:
+        room = min(room, limit + PREFILL_BUCKET)
     for start in range(0, len(records), batch_size):
         batch = encoded[start:start + batch_size]
         longest = max(len(p) for p in batch)
