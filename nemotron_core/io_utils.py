@@ -71,7 +71,7 @@ def check_not_replacing(output: str | os.PathLike, *inputs: str | os.PathLike | 
             raise InputError(f"{output} contains the input {src}; choose another output path")
 
 
-def _make_parent(final: Path, shown: str | os.PathLike) -> Path:
+def _temp_dir_beside(final: Path, shown: str | os.PathLike) -> Path:
     """A temporary directory beside ``final`` (its parent created if missing); a one-line error naming
     the path as the user gave it (``shown``), not the temporary one, when that is impossible."""
     try:
@@ -100,7 +100,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
     An exception or interrupt removes the temporary directory and leaves ``path`` untouched, so a
     user never finds a half-written model where a complete one (or nothing) was."""
     final = check_output_dir(path, force).resolve()
-    tmp = _make_parent(final, path)
+    tmp = _temp_dir_beside(final, path)
     backup = None
     try:
         yield tmp
