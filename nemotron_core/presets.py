@@ -3,6 +3,11 @@
 ``tiny`` and ``tiny-mtp`` hold every block type and run in seconds on a CPU; the others are the
 published shapes (for planning with ``--no-weights``, or random weights on a big machine).
 Dims of the tiny presets are multiples of 8 so the grouped-GEMM expert path runs in fp32 and bf16.
+
+Each preset spells its layers once, as ``hybrid_override_pattern``, and never carries
+``num_hidden_layers`` or ``layers_block_type``: ``--set hybrid_override_pattern=...`` can then change
+the depth alone, and a ``num_hidden_layers`` in the built config can only be the user's own (checked
+against the pattern). tests/test_config.py holds every preset to this.
 """
 from __future__ import annotations
 

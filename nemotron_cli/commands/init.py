@@ -35,6 +35,13 @@ def init(
     Writes config.json, generation_config.json, an offline byte-level tokenizer with a chat template
     and sharded safetensors with an index, all at once: the directory appears only when complete.
 
+    `--set key=value` overrides one config key; values are checked as a config.json's would be (an
+    integer is fine where a number is expected, not the reverse). The layers come from the pattern:
+    `--set hybrid_override_pattern=M*E-` (one letter per layer: M Mamba2, * attention, - MLP,
+    E MoE) sets the depth. `num_hidden_layers` only restates it: it may be set, in any order, but
+    must equal the pattern's length, so `--set num_hidden_layers=N` alone is an error unless the
+    preset's pattern already has N layers (set the pattern instead).
+
     `--json` prints one object: `path`, `preset`, `pattern`, `layers`, `mtp_depths`, `mtp_pattern`,
     `hidden_size`, `vocab_size`, `parameters` (`total`, `active`), `dtype`, `seed`, `weights`,
     `size_bytes`, `size`, `tokenizer_vocab`. With `--list`: `{"presets": [{"name", "description",
