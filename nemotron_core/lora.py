@@ -347,6 +347,19 @@ def _set_module(model: nn.Module, real_name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def rank_limit(model: nn.Module, names: list[str]) -> tuple[int, str]:
+    """The largest useful LoRA rank over the Linear modules ``names`` (clean names) and the module that
+    sets it: the smallest ``min(in_features, out_features)``. A larger r cannot raise the rank of the
+    update B @ A; it only adds r x (in + out) parameters per module (memory, optimizer state, disk)."""
+    linears = _linear_modules(model)
+    limit, narrowest = 0, ""
+    for name in names:  # in module order, so a tie names the first such module
+        width = min(linears[name][0].in_features, linears[name][0].out_features)
+        if not narrowest or width < limit:
+            limit, narrowest = width, name
+    return limit, narrowest
+
+
 def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
                dtype: torch.dtype | None = None, targets: list[str] | None = None) -> list[str]:
     """Wrap the Linear modules ``config`` targets in ``LoRALinear`` (fresh PEFT init: B = 0, so the
@@ -359,6 +372,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
             raise InputError(f"{name} is not an nn.Linear module of the model")
         if isinstance(linears[name][0], LoRALinear):
             raise InputError(f"{name} already has a LoRA adapter")
+    limit, narrowest = rank_limit(model, names)
+    if names and config.r > limit:  # checked before any adapter is allocated (an absurd r would take GBs)
+        raise InputError(f"r={config.r} exceeds the rank {narrowest} can use (min(in_features, out_features) "
+                         f"= {limit}); use r <= {limit}")
     for name in names:
         base, real = linears[name]
         _set_module(model, real, LoRALinear(base, config.r, config.scaling, config.lora_dropout, dtype, adapter_name))

@@ -40,6 +40,12 @@ nothing is ever unpickled. ``resume=True`` continues from the newest checkpoint 
 step k and resuming gives the same loss curve and final weights as running straight through.
 Ctrl-C saves a checkpoint of the last completed step (the optimizer step itself is never cut in half:
 SIGINT is held back while it runs) and re-raises ``KeyboardInterrupt``.
+
+Failures. A non-finite loss or gradient norm stops the run before that step's update
+(``TrainingDivergedError``, exit code 1): no checkpoint or final artifact is written from non-finite
+weights; earlier checkpoints stay. A failed write (disk full, file size limit, permissions) is an
+``OutputWriteError`` naming the path and the reason. Resuming with fewer steps than the checkpoint
+already has is an InputError (there is nothing to do); resuming a finished run rewrites ``final/``.
 """
 from __future__ import annotations
 
@@ -47,13 +53,14 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import re
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +68,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, NemotronError, OutputExistsError
 from .io_utils import atomic_output_dir, check_output_dir
 from .lora import LoraConfig
 
@@ -79,8 +86,17 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Options whose change would make a resumed run differ from the one it continues (data order,
 # what a step is, what is trained).
 _RESUME_KEYS = ("batch_size", "grad_accum", "pack", "max_tokens", "seed")
+_FP32_MAX = torch.finfo(torch.float32).max
 
 Batch = dict[str, Any]
+
+
+class TrainingDivergedError(NemotronError):
+    """The loss or the gradient norm became NaN/inf (a runtime failure, exit code 1)."""
+
+
+class OutputWriteError(NemotronError):
+    """Writing part of the run's output failed: disk full, file size limit, permissions (exit code 1)."""
 
 
 # ---- configuration --------------------------------------------------------------------------------------------
@@ -140,6 +156,8 @@ class TrainConfig:
 
         if number("lr") <= 0:
             raise _invalid("lr", f"must be > 0, got {self.lr}")
+        if self.lr > _FP32_MAX:  # AdamW turns it into an fp32 scalar: beyond this it fails inside torch
+            raise _invalid("lr", f"must be at most {_FP32_MAX:.4g}, got {self.lr:g}")
         if number("weight_decay") < 0:
             raise _invalid("weight_decay", f"must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
@@ -308,6 +326,72 @@ def _sigint_deferred():
         raise KeyboardInterrupt
 
 
+# What the writers that hide an OSError's errno say: safetensors ("... (os error 28)"), torch's zip
+# writer ("[enforce fail at inline_container.cc:...] ... file write failed").
+_WRITER_TEXT = re.compile(r"os error (\d+)|file write failed|inline_container|iostream error", re.IGNORECASE)
+
+
+def _strerror(errno: int) -> str:
+    text = os.strerror(errno)
+    return text[:1].lower() + text[1:]  # "no space left on device", as part of a sentence
+
+
+def _write_reason(exc: BaseException, path: Path) -> str | None:
+    """Why writing ``path`` failed, in words ("no space left on device", "file too large"), or None when
+    ``exc`` is not a write failure. The OSError may be ``exc`` itself or only its cause/context (torch's
+    RuntimeError wraps it), or survive only as text (safetensors)."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, OSError):
+            return _strerror(e.errno) if e.errno else (" ".join(str(e).split()) or type(e).__name__)
+    for e in chain:
+        m = _WRITER_TEXT.search(str(e))
+        if m and m[1]:
+            return _strerror(int(m[1]))
+        if m:  # no errno left anywhere: a full disk is the usual cause, and one we can check
+            with contextlib.suppress(OSError):
+                if shutil.disk_usage(path.parent if path.parent.exists() else ".").free < 2**20:
+                    return _strerror(28)  # ENOSPC
+            return "the write failed"
+    return None
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Report a failed write under ``path`` as one OutputWriteError naming the path and the reason
+    (instead of, say, torch's "[enforce fail at inline_container.cc:672] . unexpected pos ...")."""
+    try:
+        yield
+    except NemotronError:
+        raise
+    except Exception as e:
+        reason = _write_reason(e, path)
+        if reason is None:
+            raise
+        raise OutputWriteError(f"cannot write {path}: {reason}") from e
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a Python file object: a failed write then keeps its OSError (and errno) as the context of
+    # torch's RuntimeError; with a path torch's C++ stream drops it.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when no element is NaN/inf (one host sync for all the tensors)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _diverged(step: int, what: str, lora: LoraConfig | None) -> TrainingDivergedError:
+    artifact = "adapter" if lora is not None else "model"
+    return TrainingDivergedError(f"training diverged at step {step} ({what}); no final {artifact} written")
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -445,10 +529,25 @@ def resume_checkpoint(out_dir: str | Path, cfg: TrainConfig, lora: LoraConfig | 
     return ckpt
 
 
+def check_resume_target(ckpt: Path, cfg: TrainConfig, total_steps: int) -> None:
+    """Refuse to resume the run of ``ckpt`` to fewer steps than it has already trained: that cannot give
+    the shorter run asked for, so there is nothing to do (InputError naming ``max_steps`` or ``epochs``).
+    Resuming to exactly the checkpoint's step is allowed: it trains nothing and rewrites ``final/``."""
+    step = _read_state(ckpt).get("step")
+    if not isinstance(step, int) or step <= total_steps:
+        return
+    if cfg.max_steps is not None:
+        raise _invalid("max_steps", f"is {cfg.max_steps} but the run is already at step {step} ({ckpt}); "
+                                    "nothing to do (resume with more steps to train longer)")
+    raise _invalid("epochs", f"is {cfg.epochs} ({total_steps} steps) but the run is already at step {step} "
+                             f"({ckpt}); nothing to do (resume with more epochs to train longer)")
+
+
 def train(model: nn.Module, train_batches_fn: Callable[[int], Sequence[Batch]], cfg: TrainConfig,
           out_dir: str | Path, lora: LoraConfig | None = None, eval_batches: Sequence[Batch] | None = None,
           on_log: Callable[[dict[str, Any]], None] | None = None, resume: bool = False, merge: bool = False,
-          base_dir: str | Path | None = None) -> dict[str, Any]:
+          base_dir: str | Path | None = None,
+          on_checkpoint: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` in place (LoRA when ``lora`` is given, else every parameter) and write
     checkpoints, ``metrics.jsonl`` and the final artifact under ``out_dir`` (see the module docstring).
 
@@ -457,7 +556,10 @@ def train(model: nn.Module, train_batches_fn: Callable[[int], Sequence[Batch]], 
     tokens_per_s, elapsed_s`` (+ ``eval_loss`` when evaluated at that step). ``merge`` (LoRA only)
     also writes ``out_dir/merged``, a full model with the adapter folded in; the model is left merged.
     ``base_dir``: the model directory the weights came from; its tokenizer and generation files are
-    copied into full model outputs. Returns ``output, final, merged, steps, total_steps, epoch,
+    copied into full model outputs. ``on_checkpoint(path)`` is called after each checkpoint is complete
+    (the CLI drops the output that ``--force`` set aside once the new run has one). Raises
+    ``TrainingDivergedError`` at the first non-finite loss or gradient norm (before that step's update)
+    and ``OutputWriteError`` when writing fails. Returns ``output, final, merged, steps, total_steps, epoch,
     train_loss, eval_loss, tokens, resumed_from, trainable_parameters, elapsed_s``."""
     from .data import count_trained_tokens
 
@@ -480,6 +582,8 @@ def train(model: nn.Module, train_batches_fn: Callable[[int], Sequence[Batch]], 
     t_start = time.perf_counter()
     epochs = _Epochs(train_batches_fn)
     total = _total_steps(cfg, epochs)
+    if ckpt is not None:
+        check_resume_target(ckpt, cfg, total)
 
     # -- what is trained --------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # LoRA's A init; the RNG state of a resumed run comes from its checkpoint
@@ -516,22 +620,25 @@ def train(model: nn.Module, train_batches_fn: Callable[[int], Sequence[Batch]], 
         prog = _Progress(**{k: state[k] for k in _PROGRESS_KEYS})
     resumed_from = prog.step if ckpt is not None else None
     metrics_path = out / METRICS_NAME
-    out.mkdir(parents=True, exist_ok=True)
-    _prepare_metrics(metrics_path, prog.step if ckpt is not None else None)
+    with _writing(metrics_path):
+        out.mkdir(parents=True, exist_ok=True)
+        _prepare_metrics(metrics_path, prog.step if ckpt is not None else None)
     for tmp in (out / CHECKPOINTS_DIR).glob(".step-*"):  # left by a killed (not interrupted) run
         shutil.rmtree(tmp, ignore_errors=True)
 
     def save_checkpoint(rng: dict[str, Any]) -> Path:
         path = out / CHECKPOINTS_DIR / f"step-{prog.step}"
-        with atomic_output_dir(path, force=True) as tmp:
+        if not _all_finite(trainable):  # the last update overflowed: such a checkpoint cannot be resumed
+            raise _diverged(prog.step, "non-finite weights", lora)
+        with _writing(path), atomic_output_dir(path, force=True) as tmp:
             if lora is not None:
                 from .lora import save_adapter
 
                 save_adapter(model, tmp, _with_base(lora, base_dir))
             else:
                 model.save_pretrained(str(tmp))
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
-            torch.save(rng, tmp / RNG_NAME)
+            _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+            _torch_save(rng, tmp / RNG_NAME)
             body = {"format": STATE_FORMAT, "mode": _mode(lora), "total_steps": total,
                     **{k: getattr(prog, k) for k in _PROGRESS_KEYS},
                     "config": cfg.to_dict(), "lora": lora.to_dict() if lora is not None else None}
@@ -539,10 +646,12 @@ def train(model: nn.Module, train_batches_fn: Callable[[int], Sequence[Batch]], 
         if cfg.keep_last > 0:
             for _, old in list_checkpoints(out)[:-cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+        if on_checkpoint is not None:
+            on_checkpoint(path)
         return path
 
     model.train()
-    last_saved = prog.step if ckpt is not None else -1
+    last_saved = prog.step  # a fresh run has nothing to save at step 0 (save_every divides 0)
     loss_acc = torch.tensor(prog.log_loss, dtype=torch.float64, device=device)  # on the device: no sync per step
     clock = {"t": time.perf_counter(), "tokens": prog.tokens}  # at the last log line
     amp = _autocast(model, cfg.dtype)
@@ -571,7 +680,7 @@ def train(model: nn.Module, train_batches_fn: Callable[[int], Sequence[Batch]], 
         prog.train_loss, prog.pending, prog.log_tokens = loss, None, 0
         loss_acc.zero_()
         clock.update(t=now, tokens=prog.tokens)
-        with metrics_path.open("a", encoding="utf-8") as f:
+        with _writing(metrics_path), metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if on_log is not None:
             on_log(record)
@@ -609,6 +718,12 @@ def train(model: nn.Module, train_batches_fn: Callable[[int], Sequence[Batch]], 
                 window_loss += loss.detach().float()
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+            # One host sync per step (the loop otherwise avoids them): a NaN/inf loss or gradient must stop
+            # the run before the update carries it into the weights, the checkpoints and final/.
+            if not bool(torch.isfinite(window_loss) & torch.isfinite(grad_norm)):
+                loss_v, norm_v = float(window_loss), float(grad_norm)
+                what = f"loss {loss_v:.4g}" + ("" if not math.isfinite(loss_v) else f", grad norm {norm_v:.4g}")
+                raise _diverged(prog.step + 1, what, lora)
             with _sigint_deferred():  # weights, optimizer and progress change together or not at all
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -629,6 +744,8 @@ def train(model: nn.Module, train_batches_fn: Callable[[int], Sequence[Batch]], 
             save_checkpoint(rng_after_step)
         raise
 
+    if not _all_finite(trainable):  # the last update overflowed (no later loss to show it)
+        raise _diverged(prog.step, "non-finite weights", lora)
     model.eval()
     if enabled_checkpointing:
         model.gradient_checkpointing_disable()
@@ -665,7 +782,7 @@ def _write_final(model: nn.Module, out: Path, cfg: TrainConfig, lora: LoraConfig
     from .checkpoint import copy_side_files
 
     final = out / FINAL_DIR
-    with atomic_output_dir(final, force=True) as tmp:
+    with _writing(final), atomic_output_dir(final, force=True) as tmp:
         if lora is not None:
             from .lora import save_adapter
 
@@ -679,7 +796,7 @@ def _write_final(model: nn.Module, out: Path, cfg: TrainConfig, lora: LoraConfig
     from .lora import merge_and_unload
 
     merged = out / MERGED_DIR
-    with atomic_output_dir(merged, force=True) as tmp:
+    with _writing(merged), atomic_output_dir(merged, force=True) as tmp:
         merge_and_unload(model)
         model.save_pretrained(str(tmp), dtype=cfg.save_dtype)
         if base_dir is not None:

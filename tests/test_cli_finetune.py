@@ -5,14 +5,17 @@ the rest use Typer's CliRunner in-process, where the model loads in milliseconds
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
+import subprocess
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from cli_helpers import complete_bash, init_tiny, interrupt_when, run_nemotron
+from cli_helpers import REPO_ROOT, cli_env, complete_bash, init_tiny, interrupt_when, nemotron_exe, run_nemotron
 
 FAST = {"OMP_NUM_THREADS": "1"}
 LOG_KEYS = {"event", "step", "total_steps", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
@@ -144,6 +147,7 @@ def test_force_replaces_output(model_dir, data, tmp_path):
     result = invoke(*base, "--force")
     assert result.exit_code == 0, result.stderr
     assert result.stderr == "" and not (out / "old.txt").exists() and (out / "final").is_dir()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the old output set aside is gone too
 
 
 @pytest.mark.parametrize("extra, contains", [
@@ -161,11 +165,135 @@ def test_force_replaces_output(model_dir, data, tmp_path):
     (["--dtype", "fp16"], "fp16"),
     (["--device", "tpu"], "--device"),
     (["--lora-targets", "nope_proj"], "nope_proj"),
+    # The tiny model's narrowest targeted layer (k_proj: 64 -> 32) limits the rank: refused before any
+    # adapter is allocated (r=100000 used to write GBs).
+    (["--lora-r", "100000"], "--lora-r 100000 exceeds the rank model.layers.1.mixer.k_proj can use "
+                             "(min(in_features, out_features) = 32); use --lora-r 32 or less"),
 ])
 def test_bad_options_exit_2_with_one_line(model_dir, data, tmp_path, extra, contains):
     result = invoke(str(model_dir), "-d", str(data / "train.jsonl"), "-o", str(tmp_path / "out"), *extra)
     assert result.exit_code == 2, (result.stdout, result.stderr)
     assert_one_error_line(result.stderr, contains)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_r_at_the_limit_is_accepted(model_dir, data, tmp_path):
+    result = invoke(str(model_dir), "-d", str(data / "train.jsonl"), "-o", str(tmp_path / "out"), "--steps", "1",
+                    "--lora-r", "32", "--lora-targets", "k_proj", "--quiet")
+    assert result.exit_code == 0, result.stderr
+
+
+# ---- failures keep what the user had ------------------------------------------------------------------------------
+def fail_writes(monkeypatch, when=lambda path: True) -> None:
+    """Make torch.save (optimizer and RNG state of a checkpoint) fail as on a full disk where ``when(path)``."""
+    import torch
+
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        path = Path(getattr(f, "name", f))
+        if when(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_file_size_limit_names_the_problem_and_removes_the_run(model_dir, data, tmp_path):
+    """A real failed write (RLIMIT_FSIZE, as `ulimit -f`): torch's "[enforce fail at inline_container.cc]"
+    becomes the path and the reason, and the half-written output goes, so a plain rerun works."""
+    out = tmp_path / "run"
+    args = [str(model_dir), "-d", str(data / "train.jsonl"), "-o", str(out), "--steps", "1", "-b", "4", "--quiet"]
+    limit = 150_000  # the adapter (~100 kB) fits, the optimizer state (~220 kB) does not
+    proc = subprocess.run([nemotron_exe(), "finetune", *args], capture_output=True, text=True, timeout=300,
+                          env=cli_env(**FAST), cwd=REPO_ROOT,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 1, proc.stderr
+    assert_one_error_line(proc.stderr, f"cannot write {out / 'checkpoints' / 'step-1'}: file too large")
+    assert "enforce fail" not in proc.stderr and not out.exists() and list(tmp_path.iterdir()) == []
+    rerun = invoke(*args)
+    assert rerun.exit_code == 0, rerun.stderr
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_failed_run_in_an_existing_empty_directory_leaves_it_empty(model_dir, data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    fail_writes(monkeypatch)
+    result = invoke(str(model_dir), "-d", str(data / "train.jsonl"), "-o", str(out), "--steps", "1", "--quiet")
+    assert result.exit_code == 1, result.stderr
+    assert_one_error_line(result.stderr, "no space left on device")
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_failure_after_a_checkpoint_keeps_it_for_resume_and_force_drops_the_old_output(model_dir, data, tmp_path,
+                                                                                     monkeypatch):
+    """--force sets the old output aside until the new run's first checkpoint (documented choice): a
+    failure after it keeps the new checkpoint (named in the error line) and the old output is gone."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    args = [str(model_dir), "-d", str(data / "train.jsonl"), "-o", str(out), "--steps", "2", "--save-every", "1",
+            "--quiet"]
+    fail_writes(monkeypatch, when=lambda path: path.parent.name.startswith(".step-2."))
+    result = invoke(*args, "--force")
+    assert result.exit_code == 1, result.stderr
+    assert_one_error_line(result.stderr, f"no space left on device; kept {out / 'checkpoints' / 'step-1'} "
+                                         "(--resume continues from it)")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    monkeypatch.undo()
+    resumed = invoke(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_force_puts_the_old_output_back_when_the_run_fails_before_a_checkpoint(model_dir, data, tmp_path,
+                                                                               monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    fail_writes(monkeypatch)
+    result = invoke(str(model_dir), "-d", str(data / "train.jsonl"), "-o", str(out), "--steps", "1", "--force",
+                    "--quiet")
+    assert result.exit_code == 1, result.stderr
+    assert_one_error_line(result.stderr, f"no space left on device; the previous {out} is back in place")
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and (out / "old.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_divergence_stops_without_a_final_adapter(model_dir, data, tmp_path):
+    """--lr 1e30: step 1 is finite (its update is huge), step 2's loss is NaN. The run stops there, exit 1,
+    keeps the finite step-1 checkpoint; without a checkpoint the output is removed."""
+    base = [str(model_dir), "-d", str(data / "train.jsonl"), "--steps", "3", "-b", "4", "--lr", "1e30", "--quiet"]
+    out = tmp_path / "run"
+    result = invoke(*base, "-o", str(out), "--save-every", "1")
+    assert result.exit_code == 1, result.stderr
+    assert_one_error_line(result.stderr, "training diverged at step 2 (loss nan); no final adapter written; "
+                                         f"kept {out / 'checkpoints' / 'step-1'}")
+    assert not (out / "final").exists() and [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    again = invoke(*base, "-o", str(tmp_path / "other"))
+    assert again.exit_code == 1
+    assert_one_error_line(again.stderr, "diverged at step 2")
+    assert not (tmp_path / "other").exists()
+
+
+def test_resume_with_fewer_steps_than_done_is_refused(model_dir, data, tmp_path):
+    """Fewer --steps than the checkpoint has: exit 2, nothing to do (the run cannot be made shorter).
+    The same --steps: an info line says nothing was trained (final/ is rewritten from the checkpoint)."""
+    out = tmp_path / "run"
+    base = [str(model_dir), "-d", str(data / "train.jsonl"), "-o", str(out), "-b", "4"]
+    assert invoke(*base, "--steps", "2", "--quiet").exit_code == 0
+    final = (out / "final" / "adapter_model.safetensors").read_bytes()
+    fewer = invoke(*base, "--steps", "1", "--resume")
+    assert fewer.exit_code == 2
+    assert_one_error_line(fewer.stderr, f"--steps is 1 but the run is already at step 2 "
+                                        f"({out / 'checkpoints' / 'step-2'}); nothing to do")
+    same = invoke(*base, "--steps", "2", "--resume")
+    assert same.exit_code == 0, same.stderr
+    assert f"nothing to train: {out} is already at step 2 of 2" in same.stderr
+    assert (out / "final" / "adapter_model.safetensors").read_bytes() == final
 
 
 def test_bad_paths_and_data_exit_2(model_dir, data, tmp_path):
@@ -181,6 +309,8 @@ def test_bad_paths_and_data_exit_2(model_dir, data, tmp_path):
         result = invoke(*args, "-o", str(tmp_path / "out"))
         assert result.exit_code == 2, (args, result.stderr)
         assert_one_error_line(result.stderr, contains)
-    inside = invoke(str(model_dir), "-d", str(data / "train.jsonl"), "-o", str(model_dir.parent), "--force")
-    assert inside.exit_code == 2 and model_dir.is_dir()
-    assert_one_error_line(inside.stderr, "model directory")
+    # An output that is the model or holds it: --force would delete what the run reads.
+    for out, contains in ((model_dir.parent, "contains the input"), (model_dir, "is also the input")):
+        inside = invoke(str(model_dir), "-d", str(data / "train.jsonl"), "-o", str(out), "--force")
+        assert inside.exit_code == 2 and (model_dir / "config.json").is_file()
+        assert_one_error_line(inside.stderr, contains)

@@ -2,8 +2,10 @@
 checkpoints and exact resume, final artifacts. Tiny preset model, fp32 on the CPU."""
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -15,7 +17,10 @@ from nemotron_core.lora import LoraConfig, load_adapter
 from nemotron_core.modeling.model import NemotronHForCausalLM
 from nemotron_core.training import (
     SCHEDULES,
+    OutputWriteError,
     TrainConfig,
+    TrainingDivergedError,
+    _write_reason,
     epoch_batches,
     latest_checkpoint,
     list_checkpoints,
@@ -239,6 +244,11 @@ def test_resume_checks(tmp_path):
         run(tmp_path, "done", cfg, examples, resume=True)
     with pytest.raises(InputError, match="r="):
         run(tmp_path, "done", cfg, examples, lora=lora_cfg(r=4), resume=True)
+    # Resuming to fewer steps than the checkpoint has: nothing to do (it cannot make the run shorter).
+    fewer = TrainConfig(lr=1e-3, max_steps=1, batch_size=4, log_every=1)
+    with pytest.raises(InputError, match="is 1 but the run is already at step 2") as e:
+        run(tmp_path, "done", fewer, examples, lora=lora_cfg(), resume=True)
+    assert e.value.field == "max_steps"
     # Resuming a finished run trains nothing and rewrites final/; raising --steps trains on.
     _, report, logs = run(tmp_path, "done", cfg, examples, lora=lora_cfg(), resume=True)
     assert report["steps"] == 2 and logs == [] and report["train_loss"] is not None
@@ -257,6 +267,81 @@ def test_checkpoint_files_load_without_unpickling(tmp_path):
         torch.load(ckpt / name, weights_only=True)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["mode"] == "lora" and state["config"]["batch_size"] == 4
+
+
+def test_checkpoints_every_step_start_at_step_1(tmp_path):
+    """save_every divides 0 too: a fresh run used to write a worthless step-0 checkpoint first."""
+    cfg = TrainConfig(lr=1e-3, max_steps=2, batch_size=4, save_every=1, keep_last=0)
+    saved: list = []
+    run(tmp_path, "ck", cfg, repetitive(), lora=lora_cfg(), on_checkpoint=saved.append)
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [1, 2]
+    assert saved == [tmp_path / "ck" / "checkpoints" / "step-1", tmp_path / "ck" / "checkpoints" / "step-2"]
+
+
+# ---- failures ---------------------------------------------------------------------------------------------------
+def test_divergence_stops_before_the_update_and_writes_no_final(tmp_path):
+    """lr 1e30: step 1's loss is finite (its update is huge), step 2's is NaN: stop there (exit code 1),
+    keep the finite step-1 checkpoint, write no final adapter and no checkpoint of the NaN step."""
+    cfg = TrainConfig(lr=1e30, max_steps=4, batch_size=4, save_every=1, log_every=1)
+    logs: list[dict] = []
+    with pytest.raises(TrainingDivergedError, match=r"^training diverged at step 2 \(loss nan\); no final adapter "
+                                                    r"written$") as e:
+        train(tiny_model(), epoch_batches(repetitive(), cfg), cfg, tmp_path / "d", lora=lora_cfg(), on_log=logs.append)
+    assert e.value.exit_code == 1
+    assert [m["step"] for m in logs] == [1] and math.isfinite(logs[0]["loss"])
+    assert [s for s, _ in list_checkpoints(tmp_path / "d")] == [1] and not (tmp_path / "d" / "final").exists()
+
+
+def test_non_finite_weights_after_the_last_step_write_no_final(tmp_path):
+    """An update that overflows on the last step shows in no later loss: the weights are checked before
+    the checkpoint and final/ are written (here poisoned from the step's log callback, which runs first)."""
+    model = tiny_model()
+    cfg = TrainConfig(lr=1e-3, max_steps=1, batch_size=4, log_every=1)
+
+    def poison(m):
+        next(p for n, p in model.named_parameters() if "lora_B" in n).data[0, 0] = math.inf
+
+    with pytest.raises(TrainingDivergedError, match=r"at step 1 \(non-finite weights\); no final adapter written"):
+        train(model, epoch_batches(repetitive(), cfg), cfg, tmp_path / "w", lora=lora_cfg(), on_log=poison)
+    assert list_checkpoints(tmp_path / "w") == [] and not (tmp_path / "w" / "final").exists()
+
+
+def test_lr_beyond_fp32_is_refused():
+    """1e300 is a finite Python float, but AdamW fails inside torch converting it to fp32."""
+    with pytest.raises(InputError, match="lr must be at most") as e:
+        TrainConfig(lr=1e300)
+    assert e.value.field == "lr"
+
+
+def test_write_failures_name_the_path_and_the_reason(tmp_path, monkeypatch):
+    """torch.save hides the OSError behind "[enforce fail at inline_container.cc]" (it is only the
+    RuntimeError's context), safetensors keeps only "(os error N)" in its text."""
+    path = tmp_path / "x"
+    assert _write_reason(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path) == "no space left on device"
+    assert _write_reason(RuntimeError("Error while serializing: I/O error: File too large (os error 27)"),
+                         path) == "file too large"
+    assert _write_reason(ValueError("not about writing"), path) is None
+
+    def torch_save(obj, f, *args, **kwargs):  # what torch.save does when the file write fails (EFBIG)
+        try:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", torch_save)
+    cfg = TrainConfig(lr=1e-3, max_steps=1, batch_size=4)
+    with pytest.raises(OutputWriteError) as e:
+        run(tmp_path, "w", cfg, repetitive(), lora=lora_cfg())
+    assert str(e.value) == f"cannot write {tmp_path / 'w' / 'checkpoints' / 'step-1'}: file too large"
+    assert e.value.exit_code == 1 and list((tmp_path / "w" / "checkpoints").iterdir()) == []
+
+
+def test_lora_rank_above_the_narrowest_layer_is_refused(tmp_path):
+    cfg = TrainConfig(lr=1e-3, max_steps=1, batch_size=4)
+    with pytest.raises(InputError, match=r"r=33 exceeds the rank model\.layers\.1\.mixer\.k_proj can use "
+                                         r"\(min\(in_features, out_features\) = 32\); use r <= 32"):
+        run(tmp_path, "r", cfg, repetitive(), lora=lora_cfg(r=33))
+    assert not (tmp_path / "r").exists()
 
 
 # ---- final artifacts --------------------------------------------------------------------------------------------

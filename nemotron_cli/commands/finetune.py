@@ -13,7 +13,11 @@ compute is bf16 (``--dtype``): a frozen LoRA base is loaded in bf16 (the adapter
 fine-tuning keeps fp32 master weights under bf16 autocast; on the CPU everything is fp32. Same seed, data and options:
 the same run.
 
-Output directory (new or empty; ``--force`` replaces it, ``--resume`` continues in it)::
+Output directory (new or empty; ``--force`` replaces it, ``--resume`` continues in it). ``--force`` moves
+the old output aside (``.NAME.replaced-PID`` beside it) and deletes it once the new run has completed its
+first checkpoint (from then on the new run can be resumed); a run that fails before that puts it back. A
+run that fails before completing a checkpoint removes what it created, so the same command can simply be
+run again; checkpoints that were completed are kept (the error line says so: ``--resume`` continues)::
 
     metrics.jsonl               one JSON object per log step (the "log" events below, without "event")
     checkpoints/step-N/         every --save-every steps, at the end, and on Ctrl-C (the newest 2 kept)
@@ -22,8 +26,16 @@ Output directory (new or empty; ``--force`` replaces it, ``--resume`` continues 
     merged/                     with --merge: base + adapter as a complete model directory
 
 ``--resume`` continues from the newest checkpoint and reproduces the run that was not interrupted
-(same options needed; ``--steps``/``--epochs`` may be raised to train longer). Ctrl-C saves a
-checkpoint of the last finished step and exits 130.
+(same options needed; ``--steps``/``--epochs`` may be raised to train longer). Resuming a finished run
+trains nothing and rewrites final/ (an info line says so); asking for fewer steps than the checkpoint
+has is an error (exit code 2: there is nothing to do). Ctrl-C saves a checkpoint of the last finished
+step and exits 130.
+
+Failures (exit code 1, one ``error:`` line): a NaN/inf loss or gradient norm stops the run at that
+step (``training diverged at step N (loss nan); no final adapter written``; earlier checkpoints stay),
+and a failed write names the path and the reason (``cannot write run/...: no space left on device``).
+``--lora-r`` above the rank the narrowest targeted layer can use (min(in, out) features) is refused
+before training (exit code 2).
 
 Output. Human mode: one line per log step on stderr (step, epoch, loss, lr, grad norm, tokens/s,
 eval loss) and a summary. ``--json``: JSON Lines on stdout, nothing else::
@@ -41,6 +53,7 @@ eval loss) and a summary. ``--json``: JSON Lines on stdout, nothing else::
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -49,7 +62,7 @@ import typer
 
 from nemotron_cli.common import DType, DeviceOpt, Output, QuietOpt, cli_command, example_epilog
 from nemotron_core.backend import resolve_device
-from nemotron_core.errors import InputError
+from nemotron_core.errors import InputError, NemotronError
 from nemotron_core.tokenizer import load_tokenizer
 
 SCHEDULES = ("cosine", "linear", "constant")  # kept in step with nemotron_core.training.SCHEDULES (a test checks)
@@ -74,13 +87,87 @@ def _check_paths(model: Path, data: Path, eval_data: Path | None, output: Path) 
     for flag, p in (("--data", data), ("--eval-data", eval_data)):
         if p is not None and not p.is_file():
             raise InputError(f"{flag} {p}: no such file" if not p.exists() else f"{flag} {p}: not a file")
-    out = output.resolve()
-    for what, p in (("the model directory", model), ("--data", data), ("--eval-data", eval_data)):
-        if p is None:
-            continue
-        p = p.resolve()
-        if out == p or out in p.parents:
-            raise InputError(f"--output {output} holds {what} ({p}); choose another output directory")
+    from nemotron_core.io_utils import check_not_replacing
+
+    check_not_replacing(output, model, data, eval_data)
+
+
+class _OutputGuard:
+    """Keeps what the user had at ``--output`` safe while a run writes there (see the module docstring).
+
+    ``set_aside()`` (``--force``) renames an existing output to a hidden sibling; ``checkpoint_saved``
+    (train's ``on_checkpoint``) and ``succeeded`` delete it; ``failed`` undoes what a run without a
+    completed checkpoint created and puts the old output back."""
+
+    def __init__(self, output: Path, resume: bool) -> None:
+        self.output = output
+        self.resume = resume
+        self.backup: Path | None = None
+        self.existed = output.exists()  # (without --force) an empty directory the user made: never removed
+        self.saved: Path | None = None  # the newest checkpoint this run completed
+
+    def set_aside(self) -> None:
+        if not (self.output.exists() or self.output.is_symlink()):
+            return
+        parent, name = self.output.resolve().parent, self.output.resolve().name
+        n, backup = 0, parent / f".{name}.replaced-{os.getpid()}"
+        while backup.exists() or backup.is_symlink():  # never over a backup a killed run left behind
+            n += 1
+            backup = parent / f".{name}.replaced-{os.getpid()}-{n}"
+        os.replace(self.output, backup)  # a rename beside it: instant, and nothing is copied
+        self.backup, self.existed = backup, False
+
+    def checkpoint_saved(self, path: Path) -> None:
+        self.saved = path
+        self._drop_backup()  # the new run can now be resumed: it no longer needs the old output
+
+    def succeeded(self) -> None:
+        self._drop_backup()
+
+    def failed(self) -> str:
+        """Clean up after a failed or interrupted run; returns a note for the error line ("" if none)."""
+        from nemotron_core.training import CHECKPOINTS_DIR, METRICS_NAME, list_checkpoints
+
+        if self.saved is not None:
+            return f"kept {self.saved} (--resume continues from it)"
+        if self.resume or list_checkpoints(self.output):
+            return ""
+        note = ""
+        if not self.existed:
+            if self.output.is_dir() and not self.output.is_symlink():
+                shutil.rmtree(self.output, ignore_errors=True)
+                note = f"the incomplete {self.output} was removed"
+        else:  # it was empty before the run: take out only what the run wrote
+            shutil.rmtree(self.output / CHECKPOINTS_DIR, ignore_errors=True)
+            (self.output / METRICS_NAME).unlink(missing_ok=True)
+        if self.backup is not None:
+            try:
+                os.replace(self.backup, self.output)
+                note = f"the previous {self.output} is back in place"
+            except OSError as e:
+                note = f"the previous {self.output} is at {self.backup} ({e.strerror or e})"
+            self.backup = None
+        return note
+
+    def _drop_backup(self) -> None:
+        if self.backup is not None:
+            if self.backup.is_dir() and not self.backup.is_symlink():
+                shutil.rmtree(self.backup, ignore_errors=True)
+            else:
+                self.backup.unlink(missing_ok=True)
+            self.backup = None
+
+
+def _with_note(e: BaseException, note: str) -> BaseException:
+    """``e`` with ``note`` added to its one-line error (same exit code); ``e`` itself when there is none."""
+    if not note:
+        return e
+    if isinstance(e, NemotronError):
+        new = NemotronError(f"{e}; {note}")
+        new.exit_code = e.exit_code
+        return new
+    msg = " ".join(str(e).split())
+    return NemotronError(f"{type(e).__name__}: {msg}; {note}" if msg else f"{type(e).__name__}; {note}")
 
 
 def _log_line(m: dict[str, Any]) -> str:
@@ -104,7 +191,8 @@ def finetune(
     eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="Evaluation data (same format); its loss "
                                                                           "is reported.")] = None,
     use_lora: Annotated[bool, typer.Option("--lora/--full", help="Train a LoRA adapter, or every parameter.")] = True,
-    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank.")] = 8,
+    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank (at most the narrowest targeted "
+                                                             "layer's min(in, out) features).")] = 8,
     lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="LoRA alpha (scaling = alpha / r).")] = 16,
     lora_targets: Annotated[str, typer.Option("--lora-targets", help="Comma-separated module names to adapt, or "
                                                                      "all-linear.")] = DEFAULT_TARGETS,
@@ -133,7 +221,8 @@ def finetune(
     dtype: Annotated[Optional[DType], typer.Option("--dtype", case_sensitive=False,
                                                    help="Compute dtype: bf16 or fp32. [default: bf16 on CUDA, fp32 on CPU]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its newest checkpoint.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing, non-empty --output.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing, non-empty --output (set aside until "
+                                                           "the new run's first checkpoint).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: a log event per log step and a done "
                                                           "event; see above.")] = False,
     quiet: QuietOpt = False,
@@ -148,7 +237,13 @@ def finetune(
     `--output` gets `metrics.jsonl`, `checkpoints/step-N/` (every `--save-every` steps, at the end and
     on Ctrl-C), and `final/` (LoRA: a PEFT adapter; `--full`: a complete model directory) plus
     `merged/` with `--merge`. `--resume` continues from the newest checkpoint exactly as if never
-    stopped; Ctrl-C saves a checkpoint and exits 130.
+    stopped (resuming a finished run rewrites `final/`; fewer `--steps` than the checkpoint has is an
+    error: nothing to do); Ctrl-C saves a checkpoint and exits 130.
+
+    Failures keep what you had: `--force` sets the old output aside and deletes it only once the new
+    run has completed its first checkpoint (a failure before that puts it back); a failed run removes
+    what it created unless it completed a checkpoint (kept for `--resume`). A NaN/inf loss stops the
+    run (exit 1, no final adapter written).
 
     `--json` prints JSON Lines: per log step `{"event": "log", "step", "total_steps", "epoch", "loss",
     "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}` (+ `eval_loss` when evaluated), then
@@ -197,13 +292,18 @@ def finetune(
     from nemotron_core.training import latest_checkpoint, resume_checkpoint
 
     lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=targets) if use_lora else None
+    resume_ckpt: Path | None = None
     if resume:
         try:
-            resume_checkpoint(output, cfg, lora)
+            resume_ckpt = resume_checkpoint(output, cfg, lora)
         except InputError as e:
             raise InputError(f"--resume: {e}") from None
     else:
         check_output_dir(output, force)
+        cwd = Path.cwd().resolve()
+        if force and (cwd == output.resolve() or output.resolve() in cwd.parents):
+            # It is moved aside, and this process (with every relative path) would move with it.
+            raise InputError(f"--output {output} holds the current directory; --force cannot replace it")
 
     import time
 
@@ -213,9 +313,9 @@ def finetune(
     from nemotron_core.checkpoint import stored_dtype, weight_files
     from nemotron_core.data import load_examples, make_batches
     from nemotron_core.dtypes import dtype_name
-    from nemotron_core.lora import find_targets
+    from nemotron_core.lora import find_targets, rank_limit
     from nemotron_core.modeling.model import NemotronHForCausalLM
-    from nemotron_core.training import epoch_batches, plan_steps, train
+    from nemotron_core.training import check_resume_target, epoch_batches, plan_steps, train
 
     dev = resolve_device(device)
     compute = "bf16" if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and dev.type == "cuda")) else "fp32"
@@ -224,25 +324,33 @@ def finetune(
         tok = load_tokenizer(model)
         examples = load_examples(data, tok, max_length)
         eval_examples = load_examples(eval_data, tok, max_length) if eval_data is not None else None
+        pad_id = next((int(v) for v in (tok.pad_token_id, tok.eos_token_id) if v is not None), 0)
+        batches_fn = epoch_batches(examples, cfg, pad_id)
+        try:  # before the model loads: these need only the data
+            total = plan_steps(cfg, batches_fn)
+            if resume_ckpt is not None:
+                check_resume_target(resume_ckpt, cfg, total)
+        except InputError as e:
+            raise _flag_error(e) from None
         stored = stored_dtype(weight_files(model))
         # A frozen LoRA base may live in the compute dtype; trained weights stay fp32 (master weights).
         param_dtype = torch.bfloat16 if (use_lora and compute == "bf16") else torch.float32
         lm = NemotronHForCausalLM.from_pretrained(model, dtype=param_dtype, device=dev)
     if lora is not None:
-        modules = len(find_targets(lm, lora))
+        names = find_targets(lm, lora)
+        modules = len(names)
+        limit, narrowest = rank_limit(lm, names)
+        if lora_r > limit:  # a larger rank cannot help; it only costs memory and disk (GBs for an absurd r)
+            raise InputError(f"--lora-r {lora_r} exceeds the rank {narrowest} can use (min(in_features, "
+                             f"out_features) = {limit}); use --lora-r {limit} or less")
     cfg.save_dtype = dtype_name(stored)
-    pad_id = next((int(v) for v in (tok.pad_token_id, tok.eos_token_id) if v is not None), 0)
-    batches_fn = epoch_batches(examples, cfg, pad_id)
-    try:
-        total = plan_steps(cfg, batches_fn)
-    except InputError as e:
-        raise _flag_error(e) from None
     eval_batches = None
     if eval_examples is not None:
         eval_batches = make_batches(eval_examples, cfg.batch_size, pack=cfg.pack, max_tokens=cfg.max_tokens,
                                     shuffle=False, seed=cfg.seed, pad_id=pad_id)
-    if force and output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    guard = _OutputGuard(output, resume=resume)
+    if force:
+        guard.set_aside()  # deleted after the new run's first checkpoint; put back if it fails before
 
     # Only now, so that bad input still fails with exactly one line on stderr.
     what = f"LoRA r={lora_r} alpha={lora_alpha:g} on {modules} modules" if lora is not None else "full fine-tune"
@@ -257,11 +365,10 @@ def finetune(
             out.info(escape(_log_line(m)))
 
     try:
-        report = train(lm, batches_fn, cfg, output, lora=lora, eval_batches=eval_batches,
-                       on_log=on_log, resume=resume, merge=merge, base_dir=model)
-    except InputError as e:
-        raise _flag_error(e) from None
+        report = train(lm, batches_fn, cfg, output, lora=lora, eval_batches=eval_batches, on_log=on_log,
+                       resume=resume, merge=merge, base_dir=model, on_checkpoint=guard.checkpoint_saved)
     except KeyboardInterrupt:
+        guard.failed()
         ckpt = latest_checkpoint(output)
         step = int(ckpt.name.split("-")[1]) if ckpt is not None else None
         if json_out:
@@ -269,6 +376,14 @@ def finetune(
         elif ckpt is not None:
             out.info(escape(f"newest checkpoint: {ckpt}; continue with the same command plus --resume"))
         raise
+    except BaseException as e:
+        note = guard.failed()
+        if isinstance(e, InputError):
+            raise _with_note(_flag_error(e), note) from None
+        if not note:
+            raise
+        raise _with_note(e, note) from e
+    guard.succeeded()
 
     if json_out:
         out.emit_line({"event": "done", **report})
@@ -277,7 +392,11 @@ def finetune(
     if report["eval_loss"] is not None:
         losses += f", eval loss {report['eval_loss']:.4f}"
     resumed = f" (resumed from step {report['resumed_from']})" if report["resumed_from"] is not None else ""
-    out.info(escape(f"done: {report['steps']} steps{resumed} in {report['elapsed_s']:.1f} s; {losses}"))
+    if report["resumed_from"] == report["steps"]:  # the checkpoint already had every step asked for
+        out.info(escape(f"nothing to train: {output} is already at step {report['steps']} of "
+                        f"{report['total_steps']}; final/ rewritten from its newest checkpoint"))
+    else:
+        out.info(escape(f"done: {report['steps']} steps{resumed} in {report['elapsed_s']:.1f} s; {losses}"))
     out.info(escape(f"final: {report['final']} ({'PEFT adapter' if use_lora else 'model directory'})"))
     if report["merged"]:
         out.info(escape(f"merged: {report['merged']}"))
