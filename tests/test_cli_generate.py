@@ -327,6 +327,22 @@ def test_do_sample_false_in_generation_config_means_greedy(model_dir, runner, tm
     assert sampled["text"] != greedy["text"]
 
 
+def test_non_finite_weights_are_named_when_sampling(model_dir, runner, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan"
+    shutil.copytree(model_dir, broken)
+    for shard in broken.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if "lm_head.weight" in tensors:
+            tensors["lm_head.weight"].fill_(float("nan"))
+            save_file(tensors, shard, metadata={"format": "pt"})
+    r = invoke(runner, str(broken), "--prompt", "Hello", "-n", "4", "--seed", "0")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.splitlines()[-1] == f"error: {broken}: the model's next-token probabilities are NaN or inf; " \
+                                        "are its weights finite?"
+
+
 def test_huge_max_new_tokens_sizes_the_cache_for_the_cap(model_dir, runner, tmp_path):
     """-n far beyond the model's limit is capped, and so is the cache: sized for the asked number it would
     need terabytes (this failed to allocate before the fix)."""

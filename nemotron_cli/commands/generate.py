@@ -59,7 +59,7 @@ import typer
 
 from nemotron_cli.common import EXIT_INTERRUPTED, DType, DeviceOpt, Output, QuietOpt, cli_command, example_epilog
 from nemotron_core.backend import resolve_device
-from nemotron_core.errors import InputError, check_seed
+from nemotron_core.errors import InputError, NemotronError, check_seed
 from nemotron_core.tokenizer import load_tokenizer
 from nemotron_core.jsonl import parse_json_line
 
@@ -467,8 +467,14 @@ def generate(
         decoder = decoders.get(len(batch))
         if decoder is None:
             decoder = decoders[len(batch)] = Decoder(lm, len(batch), room)
-        result = core_generate(lm, batch, bcfg, pad_id=pad_id, on_tokens=on_tokens if need_cb else None,
-                               decoder=decoder)
+        try:
+            result = core_generate(lm, batch, bcfg, pad_id=pad_id, on_tokens=on_tokens if need_cb else None,
+                                   decoder=decoder)
+        except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
+            if "probability tensor contains" not in str(e):
+                raise
+            raise NemotronError(f"{model}: the model's next-token probabilities are NaN or inf; "
+                                "are its weights finite?") from None
         if result.peak_memory_bytes is not None:
             peak_cuda = max(peak_cuda or 0, result.peak_memory_bytes)
         totals["prompt"] += sum(result.prompt_tokens)
