@@ -35,6 +35,7 @@ CPU, bf16 on CUDA.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ import typer
 
 from nemotron_cli.common import DType, DeviceOpt, Output, QuietOpt, cli_command, example_epilog
 from nemotron_core.backend import resolve_device
-from nemotron_core.errors import InputError
+from nemotron_core.errors import InputError, NemotronError
 from nemotron_core.tokenizer import load_tokenizer
 
 INSTALL_HINT = "pip install 'nemotron[eval]'"  # kept equal to nemotron_core.evaluation.LM_EVAL_HINT (a test checks)
@@ -192,6 +193,9 @@ def _perplexity(out: Output, model: Path, data: Path, adapter: Path | None, batc
         report = perplexity(lm, examples, batch_size=batch_size, pack=pack, pad_id=pad_id,
                             on_batch=lambda done, total: progress.update(task, completed=done, total=total))
     seconds = time.perf_counter() - t1
+    if not math.isfinite(report["loss"]):  # no score to report (and NaN is not JSON)
+        raise NemotronError(f"{model}: the loss is {report['loss']}: the model's logits are not finite; "
+                            "are its weights finite?")
     result = {"model": str(model), "adapter": None if adapter is None else str(adapter), "data": str(data),
               "loss": report["loss"], "perplexity": report["perplexity"], "bits_per_token": report["bits_per_token"],
               "tokens": report["tokens"], "examples": report["examples"], "seconds": round(seconds, 6)}
