@@ -168,9 +168,14 @@ def load_weights(model: torch.nn.Module, files: list[Path]) -> list[str]:
     return ignored
 
 
-def load_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+def load_pretrained(cls, path: str | os.PathLike, *model_args: Any, device: str | torch.device | None = None,
                     dtype: torch.dtype | str | None = None, torch_dtype: torch.dtype | str | None = None,
-                    backend=None, **model_kwargs: Any):
+                    **model_kwargs: Any):
+    """``cls.from_config(config, *model_args, **model_kwargs)`` on meta, then the weights from ``path``.
+
+    Positional arguments follow the reference's ``from_pretrained``: they go to ``from_config``, whose
+    only positional parameter after the config is ``backend``; more, or ``backend`` given both ways, is
+    Python's own TypeError."""
     d = Path(path)
     if not d.exists():
         raise ConfigError(f"{d}: no such model directory (models are read from local directories; nothing is downloaded)")
@@ -184,7 +189,7 @@ def load_pretrained(cls, path: str | os.PathLike, device: str | torch.device | N
         want = stored_dtype(files)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = cls(config, backend=backend, **model_kwargs)
+        model = cls.from_config(config, *model_args, **model_kwargs)
     cast_model(model, want)  # on meta: decides each tensor's dtype without allocating anything
     model.to_empty(device=device)
     load_weights(model, files)

@@ -61,11 +61,24 @@ class PackedBatch:
 
     @property
     def padding_mask(self) -> torch.Tensor:
-        """``[1, T]`` bool, True on real tokens."""
+        """``[1, T]`` bool, True on real tokens.
+
+        Beware: the opposite polarity of ``forward(padding_mask=...)`` (True = padding, as in NeMo
+        AutoModel); pass ``~batch.padding_mask`` there, or this as ``attention_mask``."""
         mask = torch.zeros_like(self.input_ids, dtype=torch.bool)
         for s, n in zip(self.starts, self.lengths):
             mask[:, s : s + n] = True
         return mask
+
+    @property
+    def packed_seq_ids(self) -> torch.Tensor:
+        """``[1, T]`` int64, NeMo AutoModel's packed-row ids: document ``i`` (from 1) on its real tokens,
+        0 on padding. ``forward(input_ids=batch.input_ids, _packed_seq_ids=batch.packed_seq_ids)`` is the
+        BSHD equivalent of ``forward(**batch.as_kwargs())``."""
+        ids = torch.zeros_like(self.input_ids)
+        for i, (s, n) in enumerate(zip(self.starts, self.lengths), 1):
+            ids[:, s : s + n] = i
+        return ids
 
     def as_kwargs(self, with_labels: bool = True) -> dict[str, Any]:
         """Keyword arguments for ``NemotronHForCausalLM.forward`` (``qkv_format="thd"`` and the layout)."""

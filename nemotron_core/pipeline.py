@@ -181,5 +181,8 @@ def stage_metas(model, is_first: bool, microbatch_size: int, seq_len: int,
     if model.lm_head is None:
         outputs = (hidden, *carried)
     else:
-        outputs = (torch.empty(b, s, config.vocab_size, dtype=dtype, device="meta"),)
+        # The last stage returns the logits and, when it holds the MTP head, each depth's logits
+        # (NemotronHForCausalLM._stage_forward): 1 + D tensors of [B, S, vocab].
+        scored = 1 + (depths if model.mtp is not None else 0)
+        outputs = tuple(torch.empty(b, s, config.vocab_size, dtype=dtype, device="meta") for _ in range(scored))
     return inputs, outputs

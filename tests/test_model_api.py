@@ -341,3 +341,123 @@ def test_experts_follow_autocast_on_the_grouped_path(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = model(ids).logits
     assert float((got.float() - want).abs().max() / want.abs().max()) < 5e-2
+
+
+# ---- constructor: moe_overrides / moe_config ------------------------------------------------------------------
+def _moe_shapes(module: nn.Module) -> set[tuple[int, ...]]:
+    from nemotron_core.modeling.moe import MoE
+
+    return {tuple(m.gate.e_score_correction_bias.shape) for m in module.modules() if isinstance(m, MoE)}
+
+
+@torch.no_grad()
+def test_moe_overrides_reach_config_backbone_and_mtp_and_round_trip(tmp_path):
+    from nemotron_core.create import build_config
+
+    config = build_config("tiny-mtp")  # the MTP pattern (*E) holds an MoE block too
+    assert config.n_routed_experts == 8
+    model = NemotronHForCausalLM(config, moe_overrides={"n_routed_experts": 4, "moe_intermediate_size": 16})
+    assert config.n_routed_experts == 8 and config.moe_intermediate_size == 32  # the caller's config is untouched
+    assert model.config.n_routed_experts == 4 and model.config.moe_intermediate_size == 16
+    assert model.model.config is model.config and model.mtp.config is model.config
+    assert _moe_shapes(model.model) == _moe_shapes(model.mtp) == {(4,)}
+    torch.manual_seed(0)
+    model.initialize_weights(dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    back = NemotronHForCausalLM.from_pretrained(tmp_path)
+    assert back.config.n_routed_experts == 4
+    want, got = model.state_dict(), back.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_moe_overrides_on_the_backbone_alone():
+    from nemotron_core.create import build_config
+
+    config = build_config("tiny")
+    backbone = NemotronV3Model(config, moe_overrides={"n_routed_experts": 4})
+    assert backbone.config.n_routed_experts == 4 and config.n_routed_experts == 8
+    assert _moe_shapes(backbone) == {(4,)}
+
+
+def test_moe_overrides_refuse_unknown_keys_and_moe_config():
+    from nemotron_core.create import build_config
+    from nemotron_core.errors import ConfigError
+
+    config = build_config("tiny")
+    for bad in ("bogus", "route_scale", "n_activated_experts", "hidden_size", "n_shared_experts"):
+        with pytest.raises(InputError, match=bad):
+            NemotronHForCausalLM(config, moe_overrides={bad: 4})
+    with pytest.raises(ConfigError, match="n_routed_experts"):  # values are validated like config.json's
+        NemotronHForCausalLM(config, moe_overrides={"n_routed_experts": 1})
+    with pytest.raises(ValueError):  # as the reference: one or the other
+        NemotronHForCausalLM(config, moe_config=object(), moe_overrides={"n_routed_experts": 4})
+    with pytest.raises(InputError, match="moe_config"):
+        NemotronHForCausalLM(config, moe_config=object())
+    with pytest.raises(InputError, match="moe_config"):
+        NemotronV3Model(config, moe_config=object())
+
+
+def _cache_of(out) -> object:
+    """The output's cache (transformers 5.2x renamed the field; the old name warns)."""
+    return getattr(out, model_mod._CACHE_FIELD)
+
+
+# ---- generation entry points called directly ---------------------------------------------------------------------
+@torch.no_grad()
+def test_prepare_inputs_for_generation_outside_generate():
+    """transformers 5 leaves max_new_tokens and max_length unset: the cache then holds the prompt plus
+    transformers' default of 20 new tokens, and a greedy loop of that length runs on it."""
+    from nemotron_core.cache import NemotronHybridCache
+
+    model = tiny.our_model(seed=0, pattern="M*-E")
+    assert model.generation_config.max_new_tokens is None and model.generation_config.max_length is None
+    ids = _ids(1, 5)
+    inputs = model.prepare_inputs_for_generation(ids)
+    cache = inputs["past_key_values"]
+    assert isinstance(cache, NemotronHybridCache) and cache.max_length == 5 + 20
+    seq = ids
+    for _ in range(20):
+        out = model(**inputs)
+        seq = torch.cat([seq, out.logits[:, -1:].argmax(-1)], dim=1)
+        inputs = model.prepare_inputs_for_generation(seq, past_key_values=_cache_of(out))
+    ref = model.generate(ids, max_new_tokens=20, do_sample=False)
+    assert torch.equal(seq[:, : ref.shape[1]], ref)  # generate() may stop early at EOS
+    model.generate(ids, max_new_tokens=2, do_sample=False)  # its length does not stick to later direct calls
+    assert model.prepare_inputs_for_generation(ids)["past_key_values"].max_length == 5 + 20
+    model.generation_config.max_new_tokens = 7
+    assert model.prepare_inputs_for_generation(ids)["past_key_values"].max_length == 5 + 7
+
+
+def test_from_pretrained_forwards_positional_args_to_from_config(tmp_path):
+    tiny.our_model(seed=0, perturb=False, pattern="M*E").save_pretrained(tmp_path)
+    loaded = NemotronHForCausalLM.from_pretrained(tmp_path, BackendConfig(experts="loop"))
+    assert loaded.backend.experts == "loop"
+    assert loaded.model.layers["2"].mixer.experts.impl == "loop"
+    with pytest.raises(TypeError):  # from_config(config, backend=None, **kwargs) takes one positional
+        NemotronHForCausalLM.from_pretrained(tmp_path, BackendConfig(), 0.5)
+    with pytest.raises(TypeError):  # backend twice
+        NemotronHForCausalLM.from_pretrained(tmp_path, BackendConfig(), backend=BackendConfig())
+
+
+# ---- forward flags ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_use_cache_false_returns_no_cache(model):
+    from nemotron_core.cache import NemotronHybridCache
+
+    ids = _ids(1, 6)
+    cache = NemotronHybridCache(model.config, 1, 16)
+    assert _cache_of(model(input_ids=ids, past_key_values=cache, use_cache=False)) is None
+    cache = NemotronHybridCache(model.config, 1, 16)
+    assert _cache_of(model(input_ids=ids, past_key_values=cache, use_cache=True)) is cache
+    cache = NemotronHybridCache(model.config, 1, 16)
+    assert _cache_of(model(input_ids=ids, past_key_values=cache)) is cache  # default: return it
+
+
+@torch.no_grad()
+def test_output_hidden_states_defaults_to_the_config():
+    m = tiny.our_model(seed=0, pattern="M*")
+    ids = _ids(1, 6)
+    assert m(input_ids=ids).hidden_states is None
+    m.config.output_hidden_states = True
+    assert len(m(input_ids=ids).hidden_states) == 3
+    assert m(input_ids=ids, output_hidden_states=False).hidden_states is None  # an explicit False wins

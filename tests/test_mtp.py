@@ -121,7 +121,9 @@ def test_mtp_runs_in_training_and_in_eval_only_when_asked():
     assert asked.mtp_per_depth_h is not None and len(asked.mtp_per_depth_h) == 2
     assert torch.equal(asked.loss, train.loss)  # no dropout: eval with MTP equals train
     assert all(torch.equal(a, b) for a, b in zip(asked.mtp_per_depth_h, train.mtp_per_depth_h))
-    assert plain.mtp_loss_scaling_factor == 0.1  # the field reports the head's factor either way
+    # As the reference: without per-depth states there is no MTP loss, so no factor either.
+    assert plain.mtp_loss_scaling_factor is None
+    assert asked.mtp_loss_scaling_factor == train.mtp_loss_scaling_factor == 0.1
 
 
 @torch.no_grad()

@@ -134,6 +134,89 @@ def test_dropping_seq_idx_breaks_packing(dropped, hybrid, docs, monkeypatch):
         assert rel(ref.logits[0], got, scale) > 1e-3
 
 
+# ---- the BSHD spellings of packing: _packed_seq_ids and seq_idx ---------------------------------------
+@pytest.mark.parametrize("multiple", [None, 8])
+@pytest.mark.parametrize("which", ["hybrid", "hybrid_mtp"])
+def test_packed_seq_ids_match_thd(which, multiple, docs, request):
+    """NeMo's BSHD description of a packed row, ``_packed_seq_ids`` ``[B, S]`` (document i + 1 on its
+    tokens, 0 on padding), gives what the THD path gives for the same row: logits, MTP hidden states
+    and the loss (padding between documents included)."""
+    model = request.getfixturevalue(which)
+    batch = pack_sequences(docs, pad_to_multiple_of=multiple)
+    num_items = sum(d.numel() - 1 for d in docs)
+    with torch.no_grad():
+        thd = model(**batch.as_kwargs(), num_items_in_batch=num_items)
+        bshd = model(input_ids=batch.input_ids, labels=batch.labels, _packed_seq_ids=batch.packed_seq_ids,
+                     num_items_in_batch=num_items)
+    scale = thd.logits.abs().max()
+    for ref, got in zip(unpack(thd.logits, batch), unpack(bshd.logits, batch)):
+        assert rel(ref, got, scale) < TOL
+    for ref_h, got_h in zip(thd.mtp_per_depth_h or [], bshd.mtp_per_depth_h or []):
+        for ref, got in zip(unpack(ref_h, batch), unpack(got_h, batch)):
+            assert rel(ref, got, ref_h.abs().max()) < TOL
+    assert rel(thd.loss, bshd.loss) < TOL
+
+
+@torch.no_grad()
+def test_packed_seq_ids_rows_with_padding(hybrid):
+    """Two rows (B = 2), each its own packing, the second ending in padding (id 0): every document
+    equals running it alone. Ids only need to change at a boundary: each contiguous run of one id is
+    a document, so a reused id (5, 7, 5) is three documents."""
+    a, b, c, d, e = make_docs((21, 16, 11, 19, 22), seed=1)
+    row0, row1 = torch.cat([a, b, c]), torch.cat([d, e, torch.zeros(7, dtype=torch.long)])
+    ids = torch.stack([torch.cat([torch.full((21,), 5), torch.full((16,), 7), torch.full((11,), 5)]),
+                       torch.cat([torch.full((19,), 1), torch.full((22,), 2), torch.zeros(7, dtype=torch.long)])])
+    out = hybrid(input_ids=torch.stack([row0, row1]), _packed_seq_ids=ids).logits
+    alone = separate_outputs(hybrid, [a, b, c, d, e])
+    scale = max(o.logits.abs().max() for o in alone)
+    got = [out[0, :21], out[0, 21:37], out[0, 37:], out[1, :19], out[1, 19:41]]
+    for ref, g in zip(alone, got):
+        assert rel(ref.logits[0], g, scale) < TOL
+
+
+@torch.no_grad()
+def test_seq_idx_without_thd_resets_at_boundaries(hybrid, docs):
+    """``seq_idx`` ``[B, S]`` given without ``qkv_format="thd"``: a one-row batch equals the THD path,
+    and in a two-row batch every document equals running it alone."""
+    batch = pack_sequences(docs)
+    seq_idx = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor(LENGTHS))[None]
+    thd = hybrid(**batch.as_kwargs(with_labels=False)).logits
+    assert rel(thd, hybrid(input_ids=batch.input_ids, seq_idx=seq_idx).logits) < TOL
+
+    a, b, c, d = make_docs((21, 27, 32, 16), seed=2)
+    rows = torch.stack([torch.cat([a, b]), torch.cat([c, d])])
+    seq_idx = torch.tensor([[0] * 21 + [1] * 27, [0] * 32 + [1] * 16], dtype=torch.int32)
+    out = hybrid(input_ids=rows, seq_idx=seq_idx).logits
+    alone = separate_outputs(hybrid, [a, b, c, d])
+    scale = max(o.logits.abs().max() for o in alone)
+    for ref, got in zip(alone, [out[0, :21], out[0, 21:], out[1, :32], out[1, 32:]]):
+        assert rel(ref.logits[0], got, scale) < TOL
+
+
+@pytest.mark.parametrize("name, value, match", [
+    ("_packed_seq_ids", torch.ones(1, 9, dtype=torch.long), "must be \\[batch, seq\\]"),
+    ("_packed_seq_ids", torch.ones(8, dtype=torch.long), "must be \\[batch, seq\\]"),
+    ("_packed_seq_ids", torch.ones(1, 8), "integer"),
+    ("_packed_seq_ids", torch.tensor([[1, 1, -1, 2, 2, 2, 2, 2]]), ">= 0"),
+    ("seq_idx", torch.ones(2, 8, dtype=torch.int32), "must be \\[batch, seq\\]"),
+])
+@torch.no_grad()
+def test_bad_packed_seq_ids(name, value, match, hybrid):
+    with pytest.raises(InputError, match=match):
+        hybrid(input_ids=torch.randint(0, VOCAB, (1, 8)), **{name: value})
+
+
+@torch.no_grad()
+def test_packed_seq_ids_cannot_continue_from_a_cache(hybrid):
+    from nemotron_core.cache import NemotronHybridCache
+
+    cache = NemotronHybridCache(hybrid.config, 1, 16, dtype=torch.float32, device="cpu")
+    hybrid(input_ids=torch.randint(0, VOCAB, (1, 4)), past_key_values=cache)
+    with pytest.raises(InputError, match="cache"):
+        hybrid(input_ids=torch.randint(0, VOCAB, (1, 4)), past_key_values=cache,
+               _packed_seq_ids=torch.tensor([[1, 1, 2, 2]]))
+
+
 # ---- loss and gradients -------------------------------------------------------------------------
 def expected_loss_from_separate(model, docs, num_items: int) -> torch.Tensor:
     """The packed batch's loss, assembled from per-document forwards (see the module docstring)."""
@@ -246,6 +329,7 @@ def test_pack_sequences_layout():
     assert padded.labels.tolist() == [[5, 6, 7, -100, 8, 9, 10, -100]]
     assert padded.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 0, 1]]
     assert padded.padding_mask.tolist() == [[True, True, True, False, True, True, True, False]]
+    assert padded.packed_seq_ids.tolist() == [[1, 1, 1, 0, 2, 2, 3, 0]]  # NeMo's: 0 = padding
     assert padded.as_kwargs()["cu_seqlens_padded"] is padded.cu_seqlens_padded
     # A multiple every length already meets needs no padded layout.
     assert pack_sequences([[1, 2], [3, 4]], pad_to_multiple_of=2).cu_seqlens_padded is None

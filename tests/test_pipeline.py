@@ -60,19 +60,43 @@ def test_stage_names_partition_the_state_dict_and_pin_mtp_last() -> None:
     assert all(s._is_pipeline_parallel_stage() for s in stages)
 
 
-def test_stage_metas_describe_real_outputs() -> None:
-    model = _model("tiny-mtp")
-    stages = split_model(model, 2)
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mtp"])
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_stage_metas_describe_real_outputs(preset: str, num_stages: int) -> None:
+    """Every stage's metas list exactly the tensors it receives and returns (shape and dtype): the
+    last stage of an MTP model returns the logits and the D MTP depths' logits."""
+    model = _model(preset)
+    stages = split_model(model, num_stages)
     ids = torch.randint(0, 1024, (2, 11))
+    received = (ids,)
     with torch.no_grad():
-        first_out = stages[0](ids)
-        last_out = stages[1](*first_out)
-    ins, outs = stages[0].get_pipeline_stage_metas(True, 2, 11, torch.float32)
-    assert [t.shape for t in ins] == [ids.shape]
-    assert [t.shape for t in outs] == [t.shape for t in first_out]
-    ins, outs = stages[1].get_pipeline_stage_metas(False, 2, 11, torch.float32)
-    assert [t.shape for t in ins] == [t.shape for t in first_out]
-    assert outs[0].shape == last_out[0].shape
+        for i, stage in enumerate(stages):
+            out = stage(*received)
+            out = out if isinstance(out, tuple) else (out,)
+            ins, outs = stage.get_pipeline_stage_metas(i == 0, 2, 11, torch.float32)
+            assert [(t.shape, t.dtype) for t in ins] == [(t.shape, t.dtype) for t in received], i
+            assert [(t.shape, t.dtype) for t in outs] == [(t.shape, t.dtype) for t in out], i
+            received = out
+    depths = model.config.num_nextn_predict_layers
+    assert len(received) == 1 + depths and all(t.shape == (2, 11, 1024) for t in received)
+
+
+def test_mtp_embeddings_are_built_on_the_first_stage_only() -> None:
+    stages = split_model(_model("tiny-mtp"), 2)
+    ids = torch.randint(0, 1024, (1, 7))
+    assert len(stages[0]._build_mtp_embed_inputs_for_pp(ids)) == 2
+    with pytest.raises(ValueError, match="first pipeline stage"):
+        stages[1]._build_mtp_embed_inputs_for_pp(ids)
+
+
+def test_customize_pipeline_stage_modules_leaves_the_callers_lists_alone() -> None:
+    model = _model("tiny-mtp")
+    names = [["model.embed_tokens", "model.layers.0"], ["model.layers.1", "model.norm", "lm_head"]]
+    before = [list(stage) for stage in names]
+    out = model.customize_pipeline_stage_modules(names, "model.")
+    assert names == before
+    assert out[:-1] == before[:-1] and out[-1] == before[-1] + ["mtp"]
+    assert model.customize_pipeline_stage_modules(out, "model.") == out  # idempotent
 
 
 def test_trimmed_stage_initializes_and_bad_splits_are_refused() -> None:

@@ -90,16 +90,23 @@ class Attention(nn.Module):
             k, v = cache.write_kv_at(self.layer_idx, k, v, meta.decode_pos)
         elif cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v, meta.past_len)
-        impl = resolve_attn(self.backend, x.device.type, packed=meta.is_packed and cache is None,
-                            dtype=q.dtype, head_dim=self.head_dim)
-        if impl == "flex" and meta.is_packed:
+        # FlexAttention's document mask only where it is the whole story: one packed row and no mask
+        # from the caller (causal_mask_mapping); otherwise the exact masked path below.
+        flex_ok = meta.flex_documents and cache is None
+        impl = resolve_attn(self.backend, x.device.type, packed=flex_ok, dtype=q.dtype, head_dim=self.head_dim)
+        if impl == "flex" and flex_ok:
             from ..ops.flex import flex_document_attention
 
-            out = flex_document_attention(q, k, v, meta.flex_block_mask(), self.scale)
-        elif impl == "eager":
-            out = eager_attention(q, k, v, meta.attn_mask, self.scale)
+            out = flex_document_attention(q, k, v, meta.flex_block_mask(), self.scale)  # never builds attn_mask
+            return add_linear(residual, self.o_proj, out.transpose(1, 2).reshape(b, s, -1), meta)
+        mask = meta.attn_mask
+        if impl == "eager" and (mask is None or mask.dtype == torch.bool):
+            out = eager_attention(q, k, v, mask, self.scale)
         else:
-            out = sdpa_attention(q, k, v, meta.attn_mask, self.scale)
+            if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+                # A caller's additive bias (0 / -inf masks arrive boolean): SDPA wants q's dtype.
+                mask = mask.to(q.dtype)
+            out = sdpa_attention(q, k, v, mask, self.scale)
         return add_linear(residual, self.o_proj, out.transpose(1, 2).reshape(b, s, -1), meta)
 
 

@@ -92,16 +92,18 @@ def init_block(block: Block, config: NemotronHConfig, num_layers: int) -> None:
 
 
 class NemotronV3Model(nn.Module):
-    """NemotronV3 base model (without LM head): embeddings, hybrid blocks, final norm."""
+    """NemotronV3 base model (without LM head): embeddings, hybrid blocks, final norm.
+
+    ``moe_overrides``: ``{key: value}`` over the config's MoE keys (``MOE_OVERRIDE_KEYS``), applied to a
+    copy of ``config`` that becomes ``self.config``. ``moe_config`` (NeMo's ``MoEConfig``) is refused:
+    the MoE layers are built from the config alone; see ``apply_moe_args``."""
 
     def __init__(self, config: NemotronHConfig, backend: BackendConfig | None = None,
                  moe_config: Any = None, moe_overrides: dict | None = None) -> None:
         super().__init__()
-        if moe_overrides:
-            config = _with_overrides(config, moe_overrides)
+        config = apply_moe_args(config, moe_config, moe_overrides)
         self.config = config
         self.backend = backend or BackendConfig()
-        self.moe_config = moe_config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # A ModuleDict keyed by the layer index keeps checkpoint names stable when a pipeline
         # splitter removes the layers another stage owns.
@@ -123,7 +125,10 @@ class NemotronV3Model(nn.Module):
         cache_position: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Supports BSHD ``[B, S]`` and THD ``[T]`` / ``[1, T]`` with ``cu_seqlens``; returns hidden states."""
+        """Supports BSHD ``[B, S]`` and THD ``[T]`` / ``[1, T]`` with ``cu_seqlens``; returns hidden states.
+
+        The masks and packing keywords (``causal_mask_mapping``, ``padding_mask`` with True = padding,
+        ``seq_idx``, ``_packed_seq_ids``, ...) are as in ``NemotronHForCausalLM.forward``."""
         if self.embed_tokens is None:  # a later pipeline stage receives hidden states
             inputs_embeds, input_ids = input_ids, None
         if (input_ids is None) == (inputs_embeds is None):
@@ -138,7 +143,7 @@ class NemotronV3Model(nn.Module):
         meta = kwargs.get("batch_meta")
         if meta is None:
             meta = self.batch_meta(hidden.shape[0], hidden.shape[1], hidden.device, attention_mask,
-                                   past_key_values, **kwargs)
+                                   past_key_values, causal_mask_mapping=causal_mask_mapping, **kwargs)
         return self.run_layers(hidden, meta, past_key_values, kwargs.get("hidden_states_sink"),
                                owned=input_ids is not None)
 
@@ -177,13 +182,18 @@ class NemotronV3Model(nn.Module):
         return hidden
 
     def batch_meta(self, batch_size: int, seq_len: int, device: torch.device, attention_mask=None, cache=None,
-                   **kwargs: Any) -> BatchMeta:
+                   causal_mask_mapping: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> BatchMeta:
+        """Describe the batch from forward's arguments, in their public conventions (``make_batch_meta``
+        converts them: ``padding_mask`` is True on padding; ``_packed_seq_ids`` 0 on padding)."""
         if attention_mask is not None and attention_mask.dim() != 2:
             raise InputError("attention_mask must be a 2-D padding mask [batch, seq]")
+        if causal_mask_mapping is not None and not isinstance(causal_mask_mapping, dict):
+            raise InputError(f"causal_mask_mapping must be a dict like {{'full_attention': mask}}, "
+                             f"got {type(causal_mask_mapping).__name__}")
         return make_batch_meta(
             batch_size, seq_len, device,
             attention_mask=attention_mask,
-            padding_mask=kwargs.get("padding_mask"),
+            padding_mask=kwargs.get("padding_mask"),  # True = padding (converted to a keep mask there)
             past_len=cache.get_seq_length() if cache is not None else 0,
             qkv_format=kwargs.get("qkv_format"),
             cu_seqlens=kwargs.get("cu_seqlens"),
@@ -191,6 +201,10 @@ class NemotronV3Model(nn.Module):
             max_seqlen=kwargs.get("max_seqlen"),
             seq_idx=kwargs.get("seq_idx"),
             position_ids=kwargs.get("position_ids"),
+            packed_seq_ids=kwargs.get("_packed_seq_ids"),
+            # Only the attention layers' key is consumed: this model has no sliding-window layers.
+            causal_mask=causal_mask_mapping.get("full_attention") if causal_mask_mapping else None,
+            num_heads=self.config.num_attention_heads,
         )
 
     @torch.no_grad()
@@ -216,11 +230,47 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 
 def _with_overrides(config: NemotronHConfig, overrides: dict) -> NemotronHConfig:
+    """A validated copy of ``config`` with ``overrides`` applied (the caller's object is never changed)."""
     data = config.to_dict()
     data.update(overrides)
     from ..config import config_from_dict
 
     return config_from_dict(data)
+
+
+# The config keys the MoE blocks are built from (moe.py): what ``moe_overrides`` may change. NeMo's
+# MoEConfig spells several differently (route_scale, n_activated_experts, ...); neither FACTS.md nor
+# the API page names that mapping, so those names are refused rather than guessed. n_shared_experts
+# is left out: the blocks always hold one shared expert, so overriding it would change nothing.
+MOE_OVERRIDE_KEYS = (
+    "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
+    "moe_latent_size", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
+)
+
+
+def apply_moe_args(config: NemotronHConfig, moe_config: Any = None,
+                   moe_overrides: dict[str, Any] | None = None) -> NemotronHConfig:
+    """``config`` with ``moe_overrides`` applied, as a validated copy (``config`` itself when there are none).
+
+    Applying them to the config, not to the MoE modules alone, keeps the backbone, the MTP head,
+    ``model.config`` and a saved config.json in agreement. ``moe_config`` is refused: NeMo's
+    ``MoEConfig`` has its own field names and knobs this implementation does not have (aux loss,
+    gate bias updates, other activations), so honouring part of it would silently mislead."""
+    if moe_config is not None and moe_overrides is not None:
+        raise ValueError("pass moe_config or moe_overrides, not both")  # as the reference does
+    if moe_config is not None:
+        raise InputError("moe_config is not supported: the MoE layers are built from the model config; "
+                         "pass moe_overrides={key: value} with config keys instead "
+                         f"({', '.join(MOE_OVERRIDE_KEYS)})")
+    if not moe_overrides:
+        return config
+    if not isinstance(moe_overrides, dict):
+        raise InputError(f"moe_overrides must be a dict, got {type(moe_overrides).__name__}")
+    unknown = [k for k in moe_overrides if k not in MOE_OVERRIDE_KEYS]
+    if unknown:
+        raise InputError(f"moe_overrides: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"expected config MoE keys: {', '.join(MOE_OVERRIDE_KEYS)}")
+    return _with_overrides(config, moe_overrides)
 
 
 @dataclass
@@ -280,7 +330,13 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
     def __init__(self, config: NemotronHConfig, backend: BackendConfig | None = None,
                  mtp_loss_scaling_factor: float = 0.1, num_nextn_predict_layers: int | None = None,
                  mtp_use_repeated_layer: bool = False, **kwargs: Any) -> None:
+        """``kwargs`` may hold ``moe_overrides`` / ``moe_config`` (as ``NemotronV3Model`` takes them).
+        Every override lands in a copy of ``config`` before anything is built, so the backbone, the
+        MTP head, ``self.config`` and a saved checkpoint all agree."""
         super().__init__()
+        # The MoE overrides go to the config first: passed on to NemotronV3Model alone, they would
+        # reshape the backbone but not the MTP head's MoE nor self.config (and so not config.json).
+        config = apply_moe_args(config, kwargs.get("moe_config"), kwargs.get("moe_overrides"))
         if num_nextn_predict_layers is not None and num_nextn_predict_layers != config.num_nextn_predict_layers:
             config = _with_overrides(config, {"num_nextn_predict_layers": num_nextn_predict_layers})
         if mtp_use_repeated_layer and not getattr(config, "mtp_use_repeated_layer", False):
@@ -288,7 +344,7 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         self.config = config
         self.backend = backend or BackendConfig()
         self.mtp_loss_scaling_factor = float(mtp_loss_scaling_factor)
-        self.model = NemotronV3Model(config, self.backend, kwargs.get("moe_config"), kwargs.get("moe_overrides"))
+        self.model = NemotronV3Model(config, self.backend)  # the MoE overrides are already in config
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.backend = self.backend  # (a batch-1 decode step may take the Triton GEMV)
         self.mtp = None
@@ -309,11 +365,12 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str, *model_args: Any, **kwargs: Any) -> "NemotronHForCausalLM":
         """Load a local Hugging Face-layout directory (safetensors only; nothing is downloaded).
 
-        Keyword arguments: ``device`` (default cpu), ``dtype``/``torch_dtype`` (default: as stored),
-        ``backend``, and constructor arguments such as ``num_nextn_predict_layers``."""
+        Positional ``model_args`` go to ``from_config(config, *model_args)`` as in the reference (the
+        first is ``backend``). Keyword arguments: ``device`` (default cpu), ``dtype``/``torch_dtype``
+        (default: as stored), ``backend``, and constructor arguments such as ``num_nextn_predict_layers``."""
         from ..checkpoint import load_pretrained
 
-        return load_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+        return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory: str, max_shard_size: int | str = "5GB",
                         dtype: torch.dtype | str | None = None, **kwargs: Any) -> None:
@@ -363,15 +420,18 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
 
     def customize_pipeline_stage_modules(self, module_names_per_stage: list[list[str]], layers_prefix: str,
                                          text_model: nn.Module | None = None) -> list[list[str]]:
-        """Pin the MTP head to the last stage (the default per-stage names know nothing of it)."""
-        if self.mtp is not None and module_names_per_stage and "mtp" not in module_names_per_stage[-1]:
-            module_names_per_stage[-1].append("mtp")
-        return module_names_per_stage
+        """Pin the MTP head to the last stage (the default per-stage names know nothing of it).
+        Returns new lists: the caller's (possibly reused for another split) are left as they were."""
+        names = [list(stage) for stage in module_names_per_stage]
+        if self.mtp is not None and names and "mtp" not in names[-1]:
+            names[-1].append("mtp")
+        return names
 
     def get_pipeline_stage_metas(self, is_first: bool, microbatch_size: int, seq_len: int,
                                  dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Analytical (inputs_meta, outputs_meta) for this stage: plain ``[B, S, H]`` between stages,
-        ``1 + D`` tensors when an MTP head is configured."""
+        ``1 + D`` tensors when an MTP head is configured; the last stage returns the logits and, with
+        the MTP head, each depth's logits (``1 + D`` tensors of ``[B, S, vocab]``)."""
         from ..pipeline import stage_metas
 
         return stage_metas(self, is_first, microbatch_size, seq_len, dtype)
@@ -380,6 +440,9 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         """Per-depth future-token embeddings, made on the first stage (which owns ``embed_tokens``)."""
         from .mtp import future_token_embeddings
 
+        if self.model.embed_tokens is None:  # a later stage: the splitter removed the embedding table
+            raise ValueError("_build_mtp_embed_inputs_for_pp runs on the first pipeline stage only: this stage "
+                             "has no embed_tokens (later stages receive the embeddings as forward inputs)")
         return future_token_embeddings(self.model.embed_tokens, input_ids, self.config.num_nextn_predict_layers)
 
     def _stage_forward(self, inputs: torch.Tensor, carried: tuple[torch.Tensor, ...], attention_mask=None,
@@ -468,6 +531,16 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         max_len = kwargs.get("max_cache_length", args[-1] if args else None)
         self._generation_max_length = int(max_len) + 1 if max_len is not None else None
 
+    def _default_cache_length(self, prompt_len: int) -> int:
+        """Cache length for a prefill outside generate(). transformers 5 leaves both max_new_tokens and
+        max_length unset (None) by default; generate() then produces 20 new tokens, and so do we."""
+        gen = self.generation_config
+        if gen.max_new_tokens is not None:
+            return prompt_len + int(gen.max_new_tokens)
+        if gen.max_length is not None:
+            return int(gen.max_length)  # a total length, prompt included
+        return prompt_len + _DEFAULT_NEW_TOKENS
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -479,14 +552,21 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         **kwargs: Any,
     ) -> dict:
         """First call (prefill): create a NemotronHybridCache and forward the whole prompt (or its
-        embeddings). Later calls (decode): forward only the tokens the cache has not seen."""
+        embeddings). Later calls (decode): forward only the tokens the cache has not seen.
+
+        The cache is preallocated (it cannot grow), so its length is fixed here: inside ``generate()``
+        the final length generate() computed; called directly, ``generation_config.max_new_tokens``
+        past the prompt, else ``generation_config.max_length``, else the prompt plus 20 new tokens
+        (transformers 5's own default when neither is set); always at least the prompt plus one."""
         from ..cache import NemotronHybridCache
 
         cache = past_key_values if past_key_values is not None else kwargs.get("cache")
         if cache is None and use_cache is not False:
             prompt_len = inputs_embeds.shape[1] if inputs_embeds is not None else input_ids.shape[1]
-            max_len = getattr(self, "_generation_max_length", None) or (
-                prompt_len + (self.generation_config.max_new_tokens or self.generation_config.max_length))
+            # generate() set this for the one cache it builds; cleared so that a later direct call
+            # does not size its cache by an earlier generate()'s length.
+            max_len = getattr(self, "_generation_max_length", None) or self._default_cache_length(prompt_len)
+            self._generation_max_length = None
             cache = NemotronHybridCache(self.config, input_ids.shape[0], max(max_len, prompt_len + 1),
                                         dtype=self.dtype, device=self.device)
         past = cache.get_seq_length() if cache is not None else 0
@@ -524,10 +604,31 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         **kwargs: Any,
     ) -> NemotronHCausalLMOutputWithPast:
         """Forward pass with optional loss. BSHD ``[B, S]`` or THD (``qkv_format="thd"`` with
-        ``cu_seqlens``); ``labels`` are the input ids themselves (shifted here), -100 ignored."""
+        ``cu_seqlens``); ``labels`` are the input ids themselves (shifted here), -100 ignored.
+
+        Masks (conventions as NeMo AutoModel's ``nemotron_v3``):
+
+        * ``attention_mask`` ``[B, S]``: 1 = real token, 0 = padding.
+        * ``padding_mask`` ``[B, S]`` bool: **True = padding** (the reference builds it as
+          ``attention_mask.bool().logical_not()``). With both masks, a token is real only where both
+          say so. Padding is kept out of the Mamba state, attention keys and the loss.
+        * ``causal_mask_mapping={"full_attention": mask}``: a precomputed 4D mask for the attention
+          layers, ``[B or 1, 1 or heads, S, past + S]``, bool (True = may attend) or additive float
+          (0 = attend, -inf / ``finfo.min`` = blocked; other values are added to the scores). It
+          replaces the mask attention would build; Mamba layers take padding from the 2D masks only.
+
+        Packing in BSHD (``kwargs``), any batch size, no cache:
+
+        * ``_packed_seq_ids`` ``[B, S]`` int: the document of each token, 1, 2, ... and 0 on padding
+          (NeMo's packed-row ids). Mamba state resets and attention stays inside each document.
+        * ``seq_idx`` ``[B, S]`` int without ``qkv_format="thd"``: the same, without a padding id.
+
+        Each contiguous run of one id is one document. THD keywords: ``qkv_format``, ``cu_seqlens``,
+        ``cu_seqlens_padded``, ``max_seqlen`` (see ``nemotron_core.packing``)."""
         if self._is_pipeline_parallel_stage():
             return self._stage_forward(input_ids, mtp_embed_inputs, attention_mask, position_ids=position_ids,
-                                       padding_mask=padding_mask, **kwargs)
+                                       padding_mask=padding_mask, causal_mask_mapping=causal_mask_mapping,
+                                       **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         if past_key_values is None:
             past_key_values = kwargs.pop("cache", None)  # transformers >= 5.2x names it `cache`
@@ -536,6 +637,8 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
             input_ids = input_ids[None]
         if labels is not None and labels.dim() == 1:
             labels = labels[None]
+        if output_hidden_states is None:  # as transformers: unset means the config's setting
+            output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
         sink: list[torch.Tensor] | None = [] if output_hidden_states else None
         first = input_ids if input_ids is not None else inputs_embeds
         if first is None:
@@ -543,7 +646,8 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         if first.dim() == 1 or (first.dim() == 2 and first.is_floating_point()):
             first = first[None]
         meta = self.model.batch_meta(first.shape[0], first.shape[1], first.device, attention_mask, past_key_values,
-                                     padding_mask=padding_mask, position_ids=position_ids, **kwargs)
+                                     causal_mask_mapping=causal_mask_mapping, padding_mask=padding_mask,
+                                     position_ids=position_ids, **kwargs)
         hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
                             batch_meta=meta, hidden_states_sink=sink)
         if past_key_values is not None:
@@ -560,16 +664,24 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
             mtp_h, mtp_loss = self.mtp(self, hidden, input_ids, meta, labels, num_items)
             if mtp_loss is not None and loss is not None:
                 loss = loss + mtp_loss
-        cache_out = past_key_values if use_cache or past_key_values is not None else None
+        # use_cache is "whether to return past_key_values" (the page): an explicit False returns none
+        # even when a cache was passed (and updated); unset returns the cache given, if any.
+        cache_out = past_key_values if use_cache is not False else None
         return NemotronHCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             **{_CACHE_FIELD: cache_out},
             hidden_states=tuple(sink) if sink is not None else None,
             mtp_per_depth_h=mtp_h,
-            mtp_loss_scaling_factor=self.mtp_loss_scaling_factor if self.mtp is not None else None,
+            # As the reference: the factor accompanies the per-depth states it scales, so it is None
+            # whenever the MTP head did not run (no head, or eval without return_mtp).
+            mtp_loss_scaling_factor=self.mtp_loss_scaling_factor if mtp_h is not None else None,
         )
 
+
+# New tokens transformers' generate() produces when no length is configured (its default max_length,
+# counted past the prompt since transformers 5).
+_DEFAULT_NEW_TOKENS = 20
 
 # transformers renamed the output's cache field from past_key_values to cache (5.2x); use whichever
 # this version declares so no deprecation path runs.
