@@ -659,8 +659,13 @@ def run_lm_eval(model_dir: str | os.PathLike | Any, tasks: Sequence[str] | str, 
     else:
         lm = make_lm_eval_model(model_dir, **lm_kwargs)
     with _quiet_git_hash():
-        results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                          task_manager=manager, log_samples=log_samples, **kwargs)
+        try:
+            results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                              task_manager=manager, log_samples=log_samples, **kwargs)
+        except ConnectionError as e:  # datasets, offline (HF_HUB_OFFLINE=1) and the task's data not cached
+            raise InputError(f"a task's dataset is not available offline ({' '.join(str(e).split())}); put it in "
+                             "the Hugging Face datasets cache first, or use local data files through a task "
+                             "YAML in --include-path") from None
     if results is None:  # non-zero ranks of a distributed run
         return {}
     return results

@@ -226,6 +226,24 @@ def test_unknown_task_is_exit_2(model_dir, task_dir):
     assert_one_error_line(result.stderr, "unknown task nope")
 
 
+def test_a_task_whose_dataset_is_not_cached_offline_is_exit_2(model_dir, task_dir, tmp_path, monkeypatch):
+    """Offline (HF_HUB_OFFLINE=1) a Hub dataset that is not in the datasets cache cannot be fetched: the
+    error says so and what to do, instead of a ConnectionError from deep inside datasets."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-datasets-cache"))
+    tasks = tmp_path / "remote-tasks"
+    shutil.copytree(task_dir, tasks)
+    text = (tasks / "tiny_mc.yaml").read_text().replace("task: tiny_mc", "task: tiny_remote")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith(("dataset_kwargs", "data_files",
+                                                                              "cache_dir"))]
+    (tasks / "tiny_remote.yaml").write_text("\n".join(line.replace("dataset_path: json",
+                                                                    "dataset_path: nemotron-tests/not-cached")
+                                                       for line in lines) + "\n")
+    result = invoke(str(model_dir), "--tasks", "tiny_remote", "--include-path", str(tasks), "--limit", "2")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: a task's dataset is not available offline (")
+
+
 def test_a_task_yaml_that_does_not_parse_is_named(model_dir, task_dir, tmp_path):
     """lm-eval skips a task file it cannot parse, so its task looks unknown: the error says which file."""
     broken = tmp_path / "broken-tasks"
