@@ -156,7 +156,9 @@ def plan_stages(config, num_stages: int, balance: str = "params", microbatch_siz
         out.append({
             "stage": i, "layers": [r.start, r.stop - 1], "pattern": "".join(config.pattern[r.start:r.stop]),
             "owns": owns, "parameters": _numel(stage), "weight_bytes": _bytes(stage, dtype),
-            "receives": [list(t.shape) for t in ins], "sends": [list(t.shape) for t in outs],
+            # The last stage's outputs (logits, and each MTP depth's) go to the loss, not to another rank.
+            "receives": [list(t.shape) for t in ins],
+            "sends": [] if i == num_stages - 1 else [list(t.shape) for t in outs],
             "send_bytes": 0 if i == num_stages - 1 else sum(t.numel() * t.element_size() for t in outs),
         })
     params = [s["parameters"] for s in out]

@@ -156,6 +156,7 @@ def test_inspect_pp_cli_plans_real_shapes(tmp_path) -> None:
     assert made.exit_code == 0
     mtp = json.loads(CliRunner().invoke(app, ["inspect-pp", str(tmp_path / "m"), "--stages", "2", "--json"]).stdout)
     assert len(mtp["stages"][0]["sends"]) == 3 and "mtp" in mtp["stages"][-1]["owns"]
+    assert mtp["stages"][-1]["sends"] == [] and mtp["stages"][-1]["send_bytes"] == 0  # its outputs go to the loss
 
 
 @pytest.mark.parametrize("args", [["nope"], ["tiny", "--stages", "20"], ["tiny", "--stages", "0"],
