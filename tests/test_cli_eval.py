@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import tiny
 from cli_helpers import init_tiny, run_nemotron
 
 PPL_KEYS = {"model", "adapter", "data", "loss", "perplexity", "bits_per_token", "tokens", "examples", "seconds"}
@@ -91,15 +92,7 @@ def test_human_summary_on_stderr_and_pack_gives_the_same_numbers(model_dir, data
 
 def test_non_finite_loss_is_an_error_not_a_nan_score(model_dir, data, tmp_path):
     """A model whose logits are NaN has no perplexity to report (and NaN is not valid JSON)."""
-    from safetensors.torch import load_file, save_file
-
-    broken = tmp_path / "nan"
-    shutil.copytree(model_dir, broken)
-    for shard in broken.glob("*.safetensors"):
-        tensors = load_file(shard)
-        if "lm_head.weight" in tensors:
-            tensors["lm_head.weight"].fill_(float("nan"))
-            save_file(tensors, shard, metadata={"format": "pt"})
+    broken = tiny.nan_lm_head_copy(model_dir, tmp_path / "nan")
     result = invoke(str(broken), "--data", str(data), "--json")
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr.splitlines()[-1] == (f"error: {broken}: the loss is nan: the model's logits are not finite; "

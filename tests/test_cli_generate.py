@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import tiny
 from cli_helpers import interrupt_when, run_nemotron
 
 JSON_KEYS = {"index", "prompt", "text", "prompt_tokens", "completion_tokens", "finish_reason", "timings"}
@@ -328,15 +329,7 @@ def test_do_sample_false_in_generation_config_means_greedy(model_dir, runner, tm
 
 
 def test_non_finite_weights_are_named_when_sampling(model_dir, runner, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    broken = tmp_path / "nan"
-    shutil.copytree(model_dir, broken)
-    for shard in broken.glob("*.safetensors"):
-        tensors = load_file(shard)
-        if "lm_head.weight" in tensors:
-            tensors["lm_head.weight"].fill_(float("nan"))
-            save_file(tensors, shard, metadata={"format": "pt"})
+    broken = tiny.nan_lm_head_copy(model_dir, tmp_path / "nan")
     r = invoke(runner, str(broken), "--prompt", "Hello", "-n", "4", "--seed", "0")
     assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr.splitlines()[-1] == f"error: {broken}: the model's next-token probabilities are NaN or inf; " \

@@ -140,3 +140,18 @@ def safetensors_layout(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...]
 
 def softplus_inv(x: float) -> float:
     return x + math.log(-math.expm1(-x))
+
+
+def nan_lm_head_copy(model_dir: str | Path, dest: Path) -> Path:
+    """A copy of a model directory whose LM head is all NaN (non-finite logits, loadable weights)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, dest)
+    for shard in dest.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if "lm_head.weight" in tensors:
+            tensors["lm_head.weight"].fill_(float("nan"))
+            save_file(tensors, shard, metadata={"format": "pt"})
+    return dest
