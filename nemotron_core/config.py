@@ -73,6 +73,7 @@ class NemotronHConfig(_HFNemotronHConfig):
             "mtp_layers_block_type", "mtp_hybrid_override_pattern")
         # Popped so transformers does not log its own mismatch warning; checked once the list is final.
         num_hidden_layers = kwargs.pop("num_hidden_layers", None)
+        _check_token_ids(self)  # before transformers, which only warns about an id outside the vocabulary
         kwargs.setdefault("mtp_use_repeated_layer", False)
         super().__post_init__(**kwargs)
         self.time_step_limit = tuple(float(x) for x in self.time_step_limit)
@@ -177,6 +178,18 @@ def _resolve_layer_list(listed: Any, pattern: Any, list_key: str, pattern_key: s
     i = next(i for i, (a, b) in enumerate(zip(types, from_pattern)) if a != b)
     raise ConfigError(f"{list_key} and {pattern_key} disagree at layer {i} ({types[i]} vs {from_pattern[i]}): "
                       f"they must describe the same layers")
+
+
+def _check_token_ids(config: Any) -> None:
+    """bos/eos/pad token ids (an int, a list of ints, or null) must name tokens of the vocabulary."""
+    vocab = getattr(config, "vocab_size", None)
+    if not (isinstance(vocab, int) and vocab > 0):
+        return  # vocab_size itself is checked (and named) with the other sizes
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab):
+                raise ConfigError(f"{key} {i!r} is outside the vocabulary [0, {vocab})")
 
 
 def _check_layer_count(count: Any, types: list[str]) -> None:

@@ -68,7 +68,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, NemotronError, OutputExistsError
+from .errors import MAX_SEED, InputError, NemotronError, OutputExistsError
 from .io_utils import atomic_output_dir, check_output_dir
 from .lora import LoraConfig
 
@@ -185,7 +185,8 @@ class TrainConfig:
             raise _invalid("max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
         if self.max_tokens is not None and number("max_tokens", True) < 1:
             raise _invalid("max_tokens", f"must be at least 1, got {self.max_tokens}")
-        number("seed", True)
+        if not 0 <= number("seed", True) <= MAX_SEED:
+            raise _invalid("seed", f"must be in [0, {MAX_SEED}], got {self.seed}")
         for name in ("save_every", "eval_every", "keep_last"):
             if number(name, True) < 0:
                 raise _invalid(name, f"must be >= 0, got {getattr(self, name)}")

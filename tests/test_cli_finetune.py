@@ -165,6 +165,7 @@ def test_force_replaces_output(model_dir, data, tmp_path):
     (["--dtype", "fp16"], "fp16"),
     (["--device", "tpu"], "--device"),
     (["--lora-targets", "nope_proj"], "nope_proj"),
+    (["--seed", str(2**64)], "--seed must be in [0, "),
     # The tiny model's narrowest targeted layer (k_proj: 64 -> 32) limits the rank: refused before any
     # adapter is allocated (r=100000 used to write GBs).
     (["--lora-r", "100000"], "--lora-r 100000 exceeds the rank model.layers.1.mixer.k_proj can use "

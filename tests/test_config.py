@@ -286,6 +286,13 @@ def test_layer_count_error_stays_short_for_long_patterns():
     assert len(str(info.value)) < 300
 
 
+@pytest.mark.parametrize("key, value", [("eos_token_id", 5000), ("eos_token_id", [2, -1]), ("bos_token_id", 1024),
+                                        ("pad_token_id", 10**6)])
+def test_special_token_ids_must_be_in_the_vocabulary(key, value):
+    with pytest.raises(ConfigError, match=rf"^{key} .* is outside the vocabulary \[0, "):
+        _cfg(hybrid_override_pattern="M*-E", **{key: value})
+
+
 # ---- bounds -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("data, needle", [
     ({"layer_norm_epsilon": -1.0}, "layer_norm_epsilon must be a positive finite number"),
