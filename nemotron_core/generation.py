@@ -22,7 +22,7 @@ import torch
 
 from .batch import BatchMeta
 from .cache import NemotronHybridCache
-from .errors import InputError, check_seed
+from .errors import InputError, NemotronError, check_seed
 from .ops import triton_pick
 
 # Short prompts prefill through a CUDA graph: there the forward is bound by host-side launch cost
@@ -110,6 +110,10 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | 
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class NonFiniteLogitsError(NemotronError):
+    """The model's logits are NaN/inf (a runtime failure, exit code 1): broken or overflowing weights."""
 
 
 @dataclass
@@ -455,6 +459,10 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t1 = time.perf_counter()
+    # Once per call, on the prompt's last logits (the device just synchronised): non-finite weights would
+    # otherwise decode to arbitrary tokens under greedy (argmax of NaN) without a word.
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogitsError("the model's logits after the prompt are NaN or inf; are its weights finite?")
 
     out, done = decoder.out, decoder.done
     steps = 0

@@ -328,11 +328,14 @@ def test_do_sample_false_in_generation_config_means_greedy(model_dir, runner, tm
     assert sampled["text"] != greedy["text"]
 
 
-def test_non_finite_weights_are_named_when_sampling(model_dir, runner, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--greedy"]], ids=["sampled", "greedy"])
+def test_non_finite_weights_are_named(model_dir, runner, tmp_path, mode):
+    """NaN logits are an error (exit 1) whether sampled or greedy (argmax of NaN would give arbitrary
+    tokens without a word)."""
     broken = tiny.nan_lm_head_copy(model_dir, tmp_path / "nan")
-    r = invoke(runner, str(broken), "--prompt", "Hello", "-n", "4", "--seed", "0")
+    r = invoke(runner, str(broken), "--prompt", "Hello", "-n", "4", "--seed", "0", *mode)
     assert r.exit_code == 1 and r.stdout == ""
-    assert r.stderr.splitlines()[-1] == f"error: {broken}: the model's next-token probabilities are NaN or inf; " \
+    assert r.stderr.splitlines()[-1] == f"error: {broken}: the model's logits after the prompt are NaN or inf; " \
                                         "are its weights finite?"
 
 

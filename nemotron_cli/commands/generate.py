@@ -333,7 +333,7 @@ def generate(
 
     from rich.markup import escape
 
-    from nemotron_core.generation import PREFILL_BUCKET, Decoder, SamplingConfig
+    from nemotron_core.generation import PREFILL_BUCKET, Decoder, NonFiniteLogitsError, SamplingConfig
     from nemotron_core.generation import generate as core_generate
     from nemotron_core.modeling.model import NemotronHForCausalLM
 
@@ -470,7 +470,9 @@ def generate(
         try:
             result = core_generate(lm, batch, bcfg, pad_id=pad_id, on_tokens=on_tokens if need_cb else None,
                                    decoder=decoder)
-        except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
+        except NonFiniteLogitsError as e:  # found on the prompt's logits
+            raise NemotronError(f"{model}: {e}") from None
+        except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities later in the run
             if "probability tensor contains" not in str(e):
                 raise
             raise NemotronError(f"{model}: the model's next-token probabilities are NaN or inf; "
