@@ -106,6 +106,23 @@ def test_inputs_embeds_equals_input_ids(model):
 
 
 @torch.no_grad()
+def test_flat_thd_shapes(model):
+    """The page: NemotronV3Model returns [T, H] for flat THD input ([T] ids or [T, H] embeddings); the
+    causal LM returns [1, T, V] logits either way. Values equal the [1, T] batch's."""
+    ids = _ids(1, 11)[0]
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+    want = model.model(input_ids=ids[None], qkv_format="thd", cu_seqlens=cu)
+    flat = model.model(input_ids=ids, qkv_format="thd", cu_seqlens=cu)
+    assert want.shape == (1, 11, model.config.hidden_size) and flat.shape == want.shape[1:]
+    assert torch.equal(flat, want[0])
+    embeds = model.get_input_embeddings()(ids)
+    assert torch.equal(model.model(inputs_embeds=embeds, qkv_format="thd", cu_seqlens=cu), flat)
+    logits = model(inputs_embeds=embeds, qkv_format="thd", cu_seqlens=cu).logits
+    assert logits.shape == (1, 11, VOCAB)
+    assert torch.equal(logits, model(input_ids=ids, qkv_format="thd", cu_seqlens=cu).logits)
+
+
+@torch.no_grad()
 def test_output_hidden_states(model):
     ids = _ids()
     out = model(input_ids=ids, output_hidden_states=True)

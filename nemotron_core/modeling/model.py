@@ -125,7 +125,9 @@ class NemotronV3Model(nn.Module):
         cache_position: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Supports BSHD ``[B, S]`` and THD ``[T]`` / ``[1, T]`` with ``cu_seqlens``; returns hidden states.
+        """Supports BSHD ``[B, S]`` and THD ``[T]`` / ``[1, T]`` with ``cu_seqlens``; returns hidden states,
+        ``[B, S, H]``, or ``[T, H]`` for flat THD input (``[T]`` ids or ``[T, H]`` embeddings), as the
+        reference page states.
 
         The masks and packing keywords (``causal_mask_mapping``, ``padding_mask`` with True = padding,
         ``seq_idx``, ``_packed_seq_ids``, ...) are as in ``NemotronHForCausalLM.forward``."""
@@ -133,6 +135,7 @@ class NemotronV3Model(nn.Module):
             inputs_embeds, input_ids = input_ids, None
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids or inputs_embeds")
+        flat = input_ids.dim() == 1 if input_ids is not None else inputs_embeds.dim() == 2
         if input_ids is not None:
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]
@@ -144,8 +147,9 @@ class NemotronV3Model(nn.Module):
         if meta is None:
             meta = self.batch_meta(hidden.shape[0], hidden.shape[1], hidden.device, attention_mask,
                                    past_key_values, causal_mask_mapping=causal_mask_mapping, **kwargs)
-        return self.run_layers(hidden, meta, past_key_values, kwargs.get("hidden_states_sink"),
-                               owned=input_ids is not None)
+        hidden = self.run_layers(hidden, meta, past_key_values, kwargs.get("hidden_states_sink"),
+                                 owned=input_ids is not None)
+        return hidden[0] if flat else hidden
 
     def run_layers(self, hidden: torch.Tensor, meta: BatchMeta, cache=None,
                    sink: list[torch.Tensor] | None = None, owned: bool = False) -> torch.Tensor:
@@ -635,6 +639,8 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         kwargs.pop("cache", None)
         if input_ids is not None and input_ids.dim() == 1:
             input_ids = input_ids[None]
+        if inputs_embeds is not None and inputs_embeds.dim() == 2:  # THD [T, H]: logits come back [1, T, V]
+            inputs_embeds = inputs_embeds[None]
         if labels is not None and labels.dim() == 1:
             labels = labels[None]
         if output_hidden_states is None:  # as transformers: unset means the config's setting
