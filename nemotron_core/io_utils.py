@@ -85,6 +85,14 @@ def _temp_dir_beside(final: Path, shown: str | os.PathLike) -> Path:
         raise InputError(f"cannot write {shown}: {e.strerror or e}") from None
 
 
+def remove_path(p: Path) -> None:
+    """Remove ``p``: a directory with its contents, or a file or link (never a link's target)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
 def _apply_umask(root: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
@@ -117,7 +125,4 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
             os.replace(backup, final)
         raise
     if backup is not None:
-        if backup.is_dir():
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            backup.unlink()
+        remove_path(backup)

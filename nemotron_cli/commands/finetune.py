@@ -151,10 +151,9 @@ class _OutputGuard:
 
     def _drop_backup(self) -> None:
         if self.backup is not None:
-            if self.backup.is_dir() and not self.backup.is_symlink():
-                shutil.rmtree(self.backup, ignore_errors=True)
-            else:
-                self.backup.unlink(missing_ok=True)
+            from nemotron_core.io_utils import remove_path
+
+            remove_path(self.backup)
             self.backup = None
 
 

@@ -374,8 +374,8 @@ def generate(
         eos_ids = _id_list(getattr(gen_cfg, "eos_token_id", None))
     except (TypeError, ValueError):
         raise InputError(f"{gen_file}: eos_token_id must be a token id or a list of them") from None
-    if any(not 0 <= i < vocab for i in eos_ids):
-        bad = next(i for i in eos_ids if not 0 <= i < vocab)
+    bad = next((i for i in eos_ids if not 0 <= i < vocab), None)
+    if bad is not None:
         raise InputError(f"{gen_file}: eos_token_id {bad} is outside the vocabulary [0, {vocab})")
     if tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
         eos_ids.append(int(tok.eos_token_id))

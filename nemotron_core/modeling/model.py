@@ -649,8 +649,6 @@ class NemotronHForCausalLM(nn.Module, GenerationMixin):
         first = input_ids if input_ids is not None else inputs_embeds
         if first is None:
             raise InputError("pass input_ids or inputs_embeds")
-        if first.dim() == 1 or (first.dim() == 2 and first.is_floating_point()):
-            first = first[None]
         meta = self.model.batch_meta(first.shape[0], first.shape[1], first.device, attention_mask, past_key_values,
                                      causal_mask_mapping=causal_mask_mapping, padding_mask=padding_mask,
                                      position_ids=position_ids, **kwargs)
