@@ -178,6 +178,25 @@ def test_gemv_experts_match_loop(with_shared: bool, gemv_variant) -> None:
     assert tiny.rel_err(want, triton_experts.gemv_experts(x, idx.int(), w, up, down, shared)) <= TOL  # int32 ids
 
 
+@torch.no_grad()
+def test_grouped_gemv_experts_in_bf16_match_loop(monkeypatch) -> None:
+    """The grouped tiles multiply 16-bit tiles with tl.dot (the GPU's pinned decode config). Triton
+    3.6's interpreter multiplied bf16 tiles as their raw bits (values around 1e10 here) until
+    ``triton_moe.dot_t`` took them through fp32 there; bf16 agrees with the loop to a few roundings
+    (the interpreter rounds casts toward zero)."""
+    index = next(i for i, c in enumerate(triton_experts._CONFIGS) if c[3])
+    monkeypatch.setattr(triton_experts, "INTERPRETER_CONFIG", index)
+    triton_experts._kernel.cache_clear()
+    try:
+        x, idx, w, up, down, shared = (t if t.dtype == torch.long else t.bfloat16()
+                                       for t in _experts(n_tok=3, n_exp=8, k=2, d_in=40, inter=24))
+        want = loop_experts(x, idx, w.float(), up, down, shared)
+        got = triton_experts.gemv_experts(x, idx, w.float(), up, down, shared)
+    finally:
+        triton_experts._kernel.cache_clear()
+    assert got.dtype == torch.bfloat16 and tiny.rel_err(want.float(), got.float()) <= 2e-2
+
+
 @pytest.mark.skipif(CUDA, reason="torch's grouped GEMM is bf16-only on CUDA: tests/gpu covers this")
 @pytest.mark.parametrize("with_shared", [False, True])
 def test_grouped_experts_fast_path_matches_loop(with_shared: bool, monkeypatch) -> None:

@@ -137,6 +137,13 @@ def dot_t():
         else:
             return tl.dot(x, tl.trans(w), acc)
 
+    if interpreting():
+        # Triton 3.6's interpreter keeps bf16 tiles as their raw bits (uint16) and its tl.dot multiplies
+        # those bits as integers: there 16-bit tiles go through fp32, the same products (exact in fp32).
+        @triton.jit
+        def _dot_t(x, w, acc, IEEE: tl.constexpr):  # noqa: F811
+            return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+
     globals().update(tl=tl)  # (the interpreter resolves the helper's names here)
     return _dot_t
 
