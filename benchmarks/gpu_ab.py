@@ -177,14 +177,6 @@ def _greedy_in_graph(model, on: bool) -> None:
     generation.GREEDY_IN_GRAPH = on
 
 
-def _one_kernel(model, on: bool) -> None:
-    """The decode step's expert projections as one kernel (the intermediate cut across programs, fp64
-    atomics), against the up and down projections as two."""
-    from nemotron_core.ops import triton_expert_mlp
-
-    triton_expert_mlp.ENABLED = on
-
-
 def _null(model, on: bool) -> None:
     """Nothing: both settings are the same path, so their difference is the A/B's own noise."""
 
@@ -237,12 +229,6 @@ SWITCHES = {
     "combine_warps8": _module_value("triton_moe", "NORM_WARPS", 8),
     "combine_warps2": _module_value("triton_moe", "NORM_WARPS", 2),
     "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
-    "one_kernel": _one_kernel,
-    "one_kernel_i32": _module_value("triton_expert_mlp", "BLOCK_I", 32),
-    "one_kernel_i128": _module_value("triton_expert_mlp", "BLOCK_I", 128),
-    "one_kernel_o64": _module_value("triton_expert_mlp", "BLOCK_O", 64),
-    "one_kernel_k64": _module_value("triton_expert_mlp", "BLOCK_K", 64),
-    "one_kernel_w8": _module_value("triton_expert_mlp", "NUM_WARPS", 8),
 }
 
 
@@ -251,8 +237,7 @@ def _settings(model) -> list:
     linear backend), so that each switch's A/B ends where it began: the next one measures the default."""
     import importlib
 
-    names = ("generation", "modeling.model", "ops.triton_decode_attn", "ops.triton_experts",
-             "ops.triton_expert_mlp", "ops.triton_gemv",
+    names = ("generation", "modeling.model", "ops.triton_decode_attn", "ops.triton_experts", "ops.triton_gemv",
              "ops.triton_mamba_step", "ops.triton_moe", "ops.triton_router", "ops.triton_sorted_experts")
     modules = [importlib.import_module(f"nemotron_core.{n}") for n in names]
     state = [(m, k, v) for m in modules for k, v in vars(m).items() if k.isupper()]

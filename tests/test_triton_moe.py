@@ -20,11 +20,10 @@ from triton_cpu import CUDA, DEVICE, require_triton
 
 require_triton()
 
-import exact_experts  # noqa: E402
 import tiny  # noqa: E402
 from nemotron_core.modeling.moe import Router  # noqa: E402
 from nemotron_core.ops import experts as experts_ops  # noqa: E402
-from nemotron_core.ops import triton_expert_mlp, triton_experts, triton_gemv, triton_moe  # noqa: E402
+from nemotron_core.ops import triton_experts, triton_gemv, triton_moe  # noqa: E402
 from nemotron_core.ops.experts import grouped_experts, grouped_mm_supported, loop_experts  # noqa: E402
 
 TOL = 1e-6
@@ -156,14 +155,12 @@ def test_router_partials_add_up_to_the_logits(n: int) -> None:
 
 
 # ---- experts ----------------------------------------------------------------------------------------------
-@pytest.fixture(params=["per_slot", "grouped", "one_kernel"])
+@pytest.fixture(params=["per_slot", "grouped"])
 def gemv_variant(request, monkeypatch):
-    """The GEMV variants the autotuner chooses between (the interpreter runs one config), and both
-    projections in one kernel (``triton_expert_mlp``, which the GPU takes where it applies)."""
+    """The GEMV variants the autotuner chooses between (the interpreter runs one config)."""
     configs = triton_experts._CONFIGS
-    index = next(i for i, c in enumerate(configs) if c[3] == (request.param != "per_slot"))
+    index = next(i for i, c in enumerate(configs) if c[3] == (request.param == "grouped"))
     monkeypatch.setattr(triton_experts, "INTERPRETER_CONFIG", index)
-    monkeypatch.setattr(triton_expert_mlp, "INTERPRETED", request.param == "one_kernel")
     triton_experts._kernel.cache_clear()
     yield
     triton_experts._kernel.cache_clear()
@@ -298,54 +295,6 @@ def test_shared_parts_refuse_what_does_not_cut() -> None:
                                     torch.ones(1, 1, device=DEVICE), up, down, shared_mlp=(s_up, s_down))
 
 
-@pytest.mark.parametrize("n_tok,top_k", [(1, 6), (5, 2)])
-@torch.no_grad()
-def test_one_kernel_experts_round_once_from_the_exact_sum(n_tok: int, top_k: int, monkeypatch) -> None:
-    """``triton_expert_mlp``: each chunk of the intermediate goes straight into the down projection and
-    the chunks' outputs add up by fp64 atomics, so (on inputs whose sums are exact) the output is the
-    exact sum of the routed and shared experts plus the residual, rounded once: within one bf16 spacing
-    (the interpreter rounds toward zero; tests/gpu checks round-to-nearest bit for bit). The next
-    block's norm comes along; the accumulator is zero again after a call, so a second call gives the
-    same bits. Sizes cut into two chunks of the intermediate (80 = 64 + 16), two K tiles (136) and two
-    output tiles."""
-    monkeypatch.setattr(triton_expert_mlp, "INTERPRETED", True)
-    calls = []
-    real = triton_expert_mlp.expert_mlp
-    monkeypatch.setattr(triton_expert_mlp, "expert_mlp", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    x, idx, w, up, down, s_up, s_down, residual = exact_experts.inputs(n_tok, top_k, d=136, inter=80, seed=n_tok, device=DEVICE)
-    g = (torch.rand(136, generator=torch.Generator().manual_seed(1)) + 0.5).bfloat16().to(DEVICE)
-    exact = exact_experts.exact_sum(x, idx, w, up, down, s_up, s_down, residual)
-    got, normed = triton_experts.gemv_experts(x, idx, w, up, down, residual, shared_mlp=(s_up, s_down),
-                                              next_norm=(g, 1e-5))
-    assert calls, "the one-kernel path did not run"
-    assert _bf16_ulps(got, exact) < 1
-    rms = (got.float().square().mean(-1, keepdim=True) + 1e-5).rsqrt()
-    assert _bf16_ulps(normed, got.float() * rms * g.float()) <= 1
-    assert not bool(triton_expert_mlp._accumulator(x.device, 136).any())
-    again = triton_experts.gemv_experts(x, idx, w, up, down, residual, shared_mlp=(s_up, s_down), next_norm=(g, 1e-5))
-    assert torch.equal(again[0], got) and torch.equal(again[1], normed)
-
-
-def test_one_kernel_experts_only_where_asked(monkeypatch) -> None:
-    """The one-kernel path sums in an order that depends on the launch: it steps aside under
-    ``torch.use_deterministic_algorithms(True)``, when switched off, and past what a grouped tile holds."""
-    x = torch.zeros(1, 40, device=DEVICE)
-    monkeypatch.setattr(triton_expert_mlp, "INTERPRETED", True)
-    assert triton_expert_mlp.applies(x, tokens=1, rows=8)
-    assert not triton_expert_mlp.applies(x, tokens=64, rows=64 * 7)  # 512 x 64 > MAX_GROUP_TILE
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert not triton_expert_mlp.applies(x, tokens=1, rows=8)
-    finally:
-        torch.use_deterministic_algorithms(before)
-    monkeypatch.setattr(triton_expert_mlp, "ENABLED", False)
-    assert not triton_expert_mlp.applies(x, tokens=1, rows=8)
-    monkeypatch.setattr(triton_expert_mlp, "ENABLED", True)
-    monkeypatch.setattr(triton_expert_mlp, "INTERPRETED", False)
-    assert not triton_expert_mlp.applies(x, tokens=1, rows=8)
-
-
 def test_decode_expert_config_is_pinned_per_architecture(monkeypatch) -> None:
     # On an H100/H200 (sm_90) the decode calls take the config measured inside the model, whatever
     # another process's autotuning left on disk; elsewhere, on CPU and with PIN off, the autotuner's.
@@ -449,8 +398,7 @@ def test_combine_returns_the_next_norm_of_its_output(n: int) -> None:
 
 @pytest.mark.skipif(CUDA, reason="tests/gpu covers the CUDA model path")
 @torch.no_grad()
-@pytest.mark.parametrize("one_kernel", [False, True])
-def test_moe_decode_with_norms_equals_the_block_with_its_norms(one_kernel: bool, monkeypatch) -> None:
+def test_moe_decode_with_norms_equals_the_block_with_its_norms(monkeypatch) -> None:
     """``MoE.decode_with_norms``: ``x + moe(norm(x))`` and the next block's ``norm`` of it, with both
     norms inside the MoE kernels, equal the block run with separate norms (bf16: within a bf16 rounding
     or two, as the folded mean squares are summed in another order); also when the previous block
@@ -467,7 +415,6 @@ def test_moe_decode_with_norms_equals_the_block_with_its_norms(one_kernel: bool,
     monkeypatch.setattr(moe.Router, "folds_norm", lambda self, x: x.dtype == torch.bfloat16)
     monkeypatch.setattr(triton_experts, "takes", lambda device, slots: slots <= triton_experts.MAX_SLOTS)
     monkeypatch.setattr(moe, "_decode_gemv", lambda x, idx, up, down: idx.numel() <= triton_experts.MAX_SLOTS)
-    monkeypatch.setattr(triton_expert_mlp, "INTERPRETED", one_kernel)
     g = torch.Generator().manual_seed(5)
     for n_tok in (1, 3):
         x = (torch.randn(n_tok, 1, 64, generator=g) * 2).bfloat16()

@@ -17,7 +17,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from nemotron_core.ops import triton_act, triton_ce, triton_conv, triton_experts, triton_moe, triton_router  # noqa: E402,E501
 from nemotron_core.ops import triton_decode_attn, triton_gemv, triton_mamba_step, triton_sorted_experts  # noqa: E402,E501
-from nemotron_core.ops import triton_expert_mlp, triton_pick  # noqa: E402
+from nemotron_core.ops import triton_pick  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -94,13 +94,7 @@ def main() -> int:
                                    combine, sig,
                                    {"TOPK": 6, "IMPLICIT_POS": implicit, "HAS_SHARED": shared, "PARTS": parts,
                                     "BLOCK_T": 1 if norm else 16, "BLOCK_H": 4096 if norm else 256,
-                                    "NEXT_NORM": norm, "TRIGGER": norm, "SUMMED": False}, 8 if norm else 4))
-    # The one-kernel experts' combine: an fp64 accumulator read and zeroed.
-    summed_sig = {**sig, "y_ptr": "*fp64", "pos_ptr": "*fp64", "w_ptr": "*fp64"}
-    results.append(compile_one("moe_combine summed next_norm=True", combine, summed_sig,
-                               {"TOPK": 0, "IMPLICIT_POS": True, "HAS_SHARED": True, "PARTS": 0, "BLOCK_T": 1,
-                                "BLOCK_H": 4096, "NEXT_NORM": True, "TRIGGER": True, "SUMMED": True},
-                               triton_moe.NORM_WARPS))
+                                    "NEXT_NORM": norm, "TRIGGER": norm}, 8 if norm else 4))
 
     partials, _ = triton_router._partials_kernel()
     sig = {**ptrs("x_ptr xn_ptr g_ptr", "bf16"), "w_ptr": "*fp32", "out_ptr": "*fp32",
@@ -139,19 +133,6 @@ def main() -> int:
                     consts["ws_ptr"] = None
                 results.append(compile_one(f"expert_gemv {dt} {bn}x{bk}/{warps} grouped={grouped} "
                                            f"parts={parts} own_row={own_row} relu2={relu2}", gemv, sig, consts, warps))
-
-    mlp = triton_expert_mlp._kernel()[0]
-    # Both expert projections in one kernel (the decode default on sm_90): bf16 with the shared expert
-    # as parts, launched behind the route kernel (PDL), at batch 1 and 8; fp32 on one variant.
-    for dt, parts, s_p2 in (("bf16", 2, 8), ("bf16", 2, 64), ("bf16", 0, 8), ("fp32", 2, 8)):
-        sig = {**ptrs("x_ptr up_ptr down_ptr sup_ptr sdown_ptr", dt), "expert_ptr": "*i64", "gate_ptr": "*fp32",
-               "acc_ptr": "*fp64", **ints("I S R E stride_xm stride_ue stride_un stride_de stride_dn stride_sun "
-                                          "stride_sdn stride_acc")}
-        consts = {"K": 2688, "H": 2688, "TOPK": 6, "PARTS": parts, "BLOCK_I": triton_expert_mlp.BLOCK_I,
-                  "BLOCK_K": triton_expert_mlp.BLOCK_K, "BLOCK_O": triton_expert_mlp.BLOCK_O, "S_P2": s_p2,
-                  "MG": 16, "IEEE": dt == "fp32", "PDL": parts > 0}
-        results.append(compile_one(f"expert_mlp {dt} parts={parts} S_P2={s_p2}", mlp, sig, consts,
-                                   triton_expert_mlp.NUM_WARPS, aligned="stride_ue stride_un stride_de stride_dn"))
 
     sorted_gemm = triton_sorted_experts._kernel()[0]
     sig = {**ptrs("x_ptr w_ptr out_ptr", "bf16"), **ptrs("order_ptr count_ptr", "i64"),

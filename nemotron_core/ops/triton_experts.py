@@ -326,8 +326,7 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
                  shared_mlp: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                  next_norm: Optional[tuple[torch.Tensor, float]] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``sum_j weights[t, j] * expert_{idx[t, j]}(x[t]) (+ shared_expert(x[t])) (+ shared[t])``:
-    three launches in all, or two where ``triton_expert_mlp`` applies (one kernel for both
-    projections).
+    three launches in all.
 
     ``idx`` may be the router's int64 ids as they are; ``shared`` (``[N, out]``, optional) is added
     in fp32 before the one rounding to ``x.dtype``, as in ``loop_experts``. ``shared_mlp``: the
@@ -351,12 +350,6 @@ def gemv_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: 
     # The up projection may start during the route kernel before it (its shared parts need no ids).
     sm90 = triton_moe.pdl_launch(x)
     pdl = SHARED_AHEAD and parts > 0 and sm90
-    from . import triton_expert_mlp  # (it builds on this module)
-
-    if triton_expert_mlp.applies(x, ntok, experts.shape[0] + ntok * parts):
-        # Both projections in one kernel, the intermediate cut across programs.
-        return triton_expert_mlp.expert_mlp(x.contiguous(), experts, weights, up, down, shared_up, shared_down,
-                                            parts, shared, next_norm, pdl=pdl)
     # And the down projection may load its first weight tiles while the up projection finishes.
     down_early = DOWN_EARLY and sm90
     h = _gemv(x.contiguous(), up, experts, row_div=topk, relu2=True, tokens=ntok,

@@ -219,9 +219,7 @@ def _kernels():
                     stride_y, stride_pt, stride_pk, stride_wt, stride_wk, stride_s, stride_o, stride_n, eps,
                     TOPK: tl.constexpr, IMPLICIT_POS: tl.constexpr, HAS_SHARED: tl.constexpr,
                     PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, NEXT_NORM: tl.constexpr,
-                    TRIGGER: tl.constexpr, SUMMED: tl.constexpr):
-        # SUMMED: y is already the weighted sum, one fp64 row per token (triton_expert_mlp's
-        # accumulator): read it, and zero it for the next call.
+                    TRIGGER: tl.constexpr):
         if TRIGGER:  # the next block's projection (a split-K GEMV launched with PDL) may start now
             gdc_launch_dependents()
         # int64 row indices: tokens * k * hidden passes 2**31 at long prefills.
@@ -229,12 +227,7 @@ def _kernels():
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_t = offs_t < N
         mask = mask_t[:, None] & (offs_h[None, :] < H)
-        if SUMMED:
-            rows = y_ptr + offs_t[:, None] * stride_y + offs_h[None, :]
-            acc = tl.load(rows, mask=mask, other=0.0)
-            tl.store(rows, tl.zeros((BLOCK_T, BLOCK_H), dtype=acc.dtype), mask=mask)
-        else:
-            acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
         # Unrolled in j order: the same inputs always give the same bits (no atomics, no
         # order that depends on the launch).
         for j in tl.static_range(TOPK):
@@ -251,8 +244,8 @@ def _kernels():
             acc += tl.load(y_ptr + row[:, None] * stride_y + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_SHARED:
             shared = tl.load(shared_ptr + offs_t[:, None] * stride_s + offs_h[None, :], mask=mask, other=0.0)
-            acc += shared.to(acc.dtype)
-        out = acc.to(tl.float32).to(out_ptr.dtype.element_ty)
+            acc += shared.to(tl.float32)
+        out = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs_t[:, None] * stride_o + offs_h[None, :], out, mask=mask)
         if NEXT_NORM:
             # The next block's RMSNorm of the rounded output, as its norm kernel would compute it
@@ -340,58 +333,12 @@ def combine_triton(y: torch.Tensor, pos: Optional[torch.Tensor], weights: torch.
         raise ValueError(f"slot-order y needs {n * (top_k + shared_parts)} rows, got {y.shape[0]}")
     if shared is not None and shared.shape != (n, h):
         raise ValueError(f"shared must be [{n}, {h}], got {tuple(shared.shape)}")
-    return _combine(y, pos, weights, shared, out_dtype or y.dtype, shared_parts, next_norm)
-
-
-def combine_summed(acc: torch.Tensor, shared: Optional[torch.Tensor], out_dtype: torch.dtype,
-                   next_norm: Optional[tuple[torch.Tensor, float]] = None
-                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``combine_triton``'s end for outputs already summed per token: ``out = acc (+ shared)`` rounded
-    once to ``out_dtype`` (and its ``next_norm``), where ``acc [N, H]`` (fp32 or fp64) holds each
-    token's weighted sum of expert outputs (``triton_expert_mlp``'s accumulator). Sets ``acc`` to
-    zero."""
-    n, h = acc.shape
-    if shared is not None and shared.shape != (n, h):
-        raise ValueError(f"shared must be [{n}, {h}], got {tuple(shared.shape)}")
-    if acc.stride(1) != 1:
-        raise ValueError("the accumulator's rows must be contiguous (it is zeroed in place)")
-    return _combine(acc, None, None, shared, out_dtype, 0, next_norm)
-
-
-def _combine(y: torch.Tensor, pos: Optional[torch.Tensor], weights: Optional[torch.Tensor],
-             shared: Optional[torch.Tensor], out_dtype: torch.dtype, shared_parts: int,
-             next_norm: Optional[tuple[torch.Tensor, float]]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The combine kernel's launch; ``weights`` None: ``y`` is summed already (``combine_summed``)."""
-    summed = weights is None
-    n, top_k = (y.shape[0], 0) if summed else weights.shape
-    h = y.shape[1]
-    out = torch.empty(n, h, dtype=out_dtype, device=y.device)
+    out = torch.empty(n, h, dtype=out_dtype or y.dtype, device=y.device)
     normed = torch.empty_like(out) if next_norm is not None else None
     if next_norm is not None and (next_norm[0].shape != (h,) or next_norm[0].stride(0) != 1):
         raise ValueError(f"the norm weight must be contiguous [{h}], got {tuple(next_norm[0].shape)}")
     if n == 0 or h == 0:
         return out if normed is None else (out, normed)
-    if y.stride(1) != 1:
-        y = y.contiguous()
-    if shared is not None and shared.stride(1) != 1:
-        shared = shared.contiguous()
-    _, combine, cdiv = _kernels()
-    # ~4k fp32 accumulators per program (32 a thread at 4 warps); decode (N=1) gets one row of
-    # 256-wide blocks, i.e. hidden / 256 programs.
-    block_h = _next_pow2(h) if next_norm is not None else min(_next_pow2(h), 256)
-    block_t = min(_next_pow2(n), max(1, 4096 // block_h))
-    w = y if summed else weights  # never read when SUMMED; any pointer will do
-    p = pos if pos is not None else w  # never read when IMPLICIT_POS
-    s = shared if shared is not None else out
-    g, eps = next_norm if next_norm is not None else (w, 0.0)  # (g never read without NEXT_NORM)
-    combine[(cdiv(n, block_t), cdiv(h, block_h))](
-        y, p, w, s, out, g, normed if normed is not None else out, n, h,
-        y.stride(0), p.stride(0), p.stride(1), w.stride(0), w.stride(1), s.stride(0), out.stride(0),
-        out.stride(0), float(eps),
-        TOPK=top_k, IMPLICIT_POS=pos is None, HAS_SHARED=shared is not None, PARTS=shared_parts,
-        BLOCK_T=block_t, BLOCK_H=block_h, NEXT_NORM=next_norm is not None, TRIGGER=pdl_launch(y),
-        SUMMED=summed, num_warps=NORM_WARPS if next_norm is not None else 4)
-    return out if normed is None else (out, normed)
     if y.stride(1) != 1:
         y = y.contiguous()
     if shared is not None and shared.stride(1) != 1:

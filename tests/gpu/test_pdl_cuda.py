@@ -1,7 +1,7 @@
 """Programmatic dependent launch in the captured decode step: the output projections' register-preload
 GEMV, in_proj's split-K GEMV, the fused Mamba step, and the MoE block's route kernel and expert
-projections (two kernels, or one) start while the kernel before them runs; nothing they read early may
-change, so the logits must be bit-identical with PDL on and off, and with each early launch on and off."""
+projections start while the kernel before them runs; nothing they read early may change, so the
+logits must be bit-identical with PDL on and off, and with each early launch on and off."""
 from __future__ import annotations
 
 import pytest
@@ -41,8 +41,6 @@ def test_pdl_changes_no_bit(monkeypatch) -> None:
 EARLY_SWITCHES = {
     "shared_ahead": ("triton_experts", "SHARED_AHEAD", "the expert up-projection's shared part runs during "
                      "the routing; the routed part waits for it", "_gemv"),
-    "shared_ahead_one_kernel": ("triton_experts", "SHARED_AHEAD", "the one-kernel experts' shared part runs "
-                                "during the routing; the routed part waits for it", "triton_expert_mlp.expert_mlp"),
     "down_early": ("triton_experts", "DOWN_EARLY", "the expert down-projection loads its first weight tile "
                    "while the up-projection finishes", "_gemv"),
     "route_pdl": ("triton_moe", "ROUTE_PDL", "the route kernel starts while the router's partial logits "
@@ -56,8 +54,6 @@ EARLY_SWITCHES = {
 }
 # The settings of a switch that is not a flag: (on, off).
 SETTINGS = {"gemv_early_tiles": (4, 1)}
-# Switches of the two-kernel expert path: the one-kernel path (triton_expert_mlp) is off for them.
-TWO_KERNEL_EXPERTS = {"shared_ahead", "down_early"}
 
 
 @pytest.mark.parametrize("switch,batch", [(name, batch) for name in sorted(EARLY_SWITCHES) for batch in (1, 2)
@@ -81,11 +77,9 @@ def test_early_launch_changes_no_bit(monkeypatch, switch: str, batch: int) -> No
     ids = torch.randint(3, 1000, (batch, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     mask = torch.ones(batch, 20, dtype=torch.long, device="cuda")
     mask[batch - 1, :batch - 1] = 0
-    monkeypatch.setattr(triton_ops("triton_expert_mlp"), "ENABLED", switch not in TWO_KERNEL_EXPERTS)
     on, off = SETTINGS.get(switch, (True, False))
     monkeypatch.setattr(module, attr, on)
-    entry_module, entry = entry.split(".") if "." in entry else (module_name, entry)
-    calls = count_calls(monkeypatch, triton_ops(entry_module), entry)
+    calls = count_calls(monkeypatch, module, entry)
     early = graph_decode_logits(model, ids, mask, 16)
     assert calls and triton_moe.pdl_launch(ids), f"{entry} was not called"
     monkeypatch.setattr(module, attr, off)

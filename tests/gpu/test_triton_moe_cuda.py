@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .common import count_calls, graph_decode_logits, rel, triton_ops
+from .common import rel, triton_ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -224,97 +224,6 @@ def test_decode_step_captures_in_a_cuda_graph(experts) -> None:
     want = step()
     assert not torch.equal(want, eager)
     assert torch.equal(out, want)
-
-
-# ---- both expert projections in one kernel (triton_expert_mlp) -------------------------------------------
-def _one_kernel():
-    _need_triton()
-    from nemotron_core.ops import triton_expert_mlp
-
-    if torch.cuda.get_device_capability() not in triton_expert_mlp.ARCHS:
-        pytest.skip("the one-kernel expert path runs on the GPUs where it was measured (ARCHS)")
-    return triton_expert_mlp
-
-
-@pytest.mark.parametrize("n", [1, 8])
-def test_one_kernel_experts_round_the_exact_sum_to_nearest(n: int, monkeypatch) -> None:
-    """Nano widths (hidden 2688, experts 1856 wide, the shared expert twice that; 8 experts, to keep the
-    weights small) on inputs whose products and sums are exact (tests/exact_experts.py): the output is
-    the exact sum rounded to nearest, bit for bit, whatever order the fp64 atomics added in; repeated
-    calls give the same bits; the accumulator is zero after each."""
-    import exact_experts
-
-    mlp = _one_kernel()
-    from nemotron_core.ops import triton_experts
-
-    calls = count_calls(monkeypatch, mlp, "expert_mlp")
-    x, idx, w, up, down, s_up, s_down, residual = exact_experts.inputs(n, TOP_K, d=HIDDEN, inter=INTER, seed=n,
-                                                                       device="cuda", n_exp=8)
-    want = exact_experts.exact_sum(x, idx, w, up, down, s_up, s_down, residual).float().bfloat16()
-    for _ in range(3):
-        got = triton_experts.gemv_experts(x, idx, w, up, down, residual, shared_mlp=(s_up, s_down))
-        assert torch.equal(got, want)
-        assert not bool(mlp._accumulator(x.device, HIDDEN).any())
-    assert len(calls) == 3
-
-
-@pytest.mark.parametrize("n", [1, 8])
-def test_one_kernel_experts_match_two_kernels(experts, n: int, monkeypatch) -> None:
-    """Random Nano-shaped inputs (128 experts, the shared expert, the residual, the next norm): the one
-    kernel agrees with the two-kernel path to bf16 rounding (it rounds once fewer per expert) and gives
-    the same bits on every call; deterministic algorithms and fp32 inputs take the two kernels."""
-    mlp = _one_kernel()
-    from nemotron_core.ops import triton_experts
-
-    up, down = experts
-    x, idx, w, residual = _tokens(n, seed=70 + n)
-    g = torch.Generator(device="cuda").manual_seed(3)
-    s_up = (torch.randn(2 * INTER, HIDDEN, device="cuda", generator=g) * 0.02).bfloat16()
-    s_down = (torch.randn(HIDDEN, 2 * INTER, device="cuda", generator=g) * 0.02).bfloat16()
-    norm = ((torch.rand(HIDDEN, device="cuda", generator=g) + 0.5).bfloat16(), 1e-5)
-
-    def run():
-        return triton_experts.gemv_experts(x, idx, w, up, down, residual, shared_mlp=(s_up, s_down), next_norm=norm)
-
-    calls = count_calls(monkeypatch, mlp, "expert_mlp")
-    one = run()
-    assert len(calls) == 1
-    for _ in range(3):
-        again = run()
-        assert torch.equal(again[0], one[0]) and torch.equal(again[1], one[1])
-    monkeypatch.setattr(mlp, "ENABLED", False)
-    two = run()
-    assert len(calls) == 4
-    assert rel(one[0], two[0]) < BF16_TOL and rel(one[1], two[1]) < BF16_TOL
-    monkeypatch.setattr(mlp, "ENABLED", True)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        strict = run()
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert len(calls) == 4 and torch.equal(strict[0], two[0]) and torch.equal(strict[1], two[1])
-    assert not mlp.applies(x.float(), n, n * (TOP_K + 2)) and mlp.applies(x, n, n * (TOP_K + 2))
-
-
-def test_one_kernel_experts_keep_the_decode_logits(monkeypatch) -> None:
-    """The tiny preset in bf16 decoded from a CUDA graph (two rows, one left-padded): with the one-kernel
-    experts the logits of every step agree with the two kernels' to bf16 rounding."""
-    mlp = _one_kernel()
-    from nemotron_core.create import build_config, random_model
-
-    model = random_model(build_config("tiny"), torch.bfloat16, seed=0, device="cuda").eval()
-    ids = torch.randint(3, 1000, (2, 40), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
-    mask = torch.ones(2, 20, dtype=torch.long, device="cuda")
-    mask[1, :5] = 0
-    calls = count_calls(monkeypatch, mlp, "expert_mlp")
-    one = graph_decode_logits(model, ids, mask, 20)
-    assert calls, "the decode step did not take the one-kernel experts"
-    monkeypatch.setattr(mlp, "ENABLED", False)
-    calls.clear()
-    two = graph_decode_logits(model, ids, mask, 20)
-    assert not calls
-    for i, (a, b) in enumerate(zip(one, two)):
-        assert rel(a, b) <= 2e-2, f"step {i}"
 
 
 @pytest.mark.parametrize("skewed", [False, True])
