@@ -137,6 +137,17 @@ def _expert_pin(model, on: bool) -> None:
     triton_experts.PIN = on
 
 
+def _expert_stages(stages: int):
+    def switch(model, on: bool) -> None:
+        # The expert GEMVs' pinned config with `stages` software-pipeline stages, against the pinned
+        # config (Triton's default, 3).
+        from nemotron_core.ops import triton_experts
+
+        triton_experts.FORCE_CONFIG = {**_EXPERT_64, "num_stages": stages} if on else None
+
+    return switch
+
+
 def _pinned_wide(**change):
     from nemotron_core.ops import triton_gemv
 
@@ -229,6 +240,8 @@ SWITCHES = {
     "combine_warps8": _module_value("triton_moe", "NORM_WARPS", 8),
     "combine_warps2": _module_value("triton_moe", "NORM_WARPS", 2),
     "early_tiles2": _early_tiles(2), "early_tiles4": _early_tiles(4), "early_tiles8": _early_tiles(8),
+    "expert_stages2": _expert_stages(2), "expert_stages4": _expert_stages(4), "expert_stages5": _expert_stages(5),
+    "gemv_wide_s3": _pinned_wide(num_stages=3), "gemv_wide_s5": _pinned_wide(num_stages=5),
 }
 
 

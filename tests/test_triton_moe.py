@@ -85,6 +85,28 @@ def test_route_ties_take_the_lower_id_and_ids_stay_valid() -> None:
     assert torch.allclose(w[0], torch.full((3,), 1 / 3, device=DEVICE))
 
 
+@pytest.mark.parametrize("n", [1, 40])  # one row a program (decode), rows packed (prompt)
+def test_route_orders_picks_by_choice_then_lower_id(n: int) -> None:
+    """The picks come in descending order of ``sigmoid(logit) + bias``, the lower id first among equal
+    choices, for choices of either sign, exactly zero, and -inf or NaN (least preferred); the weights are
+    the picks' unbiased scores, normalised."""
+    g = torch.Generator().manual_seed(n)
+    n_exp, k = 16, 9
+    logits = torch.randn(n, n_exp, generator=g) * 3
+    bias = torch.randn(n_exp, generator=g)  # about half the choices negative
+    logits[:, 8:12], bias[8:12] = logits[:, 0:4], bias[0:4]  # ties between ids i and i + 8
+    logits[:, 12:14], bias[12:14] = 0.0, -0.5  # sigmoid(0) - 0.5: choices of exactly 0
+    logits[::3, 14] = float("nan")
+    logits[:, 15], bias[15] = float("-inf"), float("-inf")
+    score = 1 / (1 + torch.exp(-logits))
+    choice = torch.nan_to_num(score + bias, nan=float("-inf"))
+    want = torch.sort(choice, dim=1, descending=True, stable=True).indices[:, :k]
+    idx, w = triton_moe.route_triton(logits.to(DEVICE), bias.to(DEVICE), k, 1.0, True)
+    assert torch.equal(idx.cpu(), want)
+    picked = score.gather(1, want)
+    assert tiny.rel_err(torch.nan_to_num(picked / picked.sum(1, keepdim=True)), torch.nan_to_num(w.cpu())) <= TOL
+
+
 # ---- combine ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("with_shared", [False, True])
 @pytest.mark.parametrize("implicit_pos", [False, True])
