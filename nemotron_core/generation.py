@@ -184,6 +184,9 @@ class Decoder:
         self.hit_eos = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=device)
         self.pad = torch.zeros(1, dtype=torch.long, device=device)
+        # Per row, the index of the first token whose logits had a NaN or infinite maximum (the row is
+        # done from there), -1 while they are finite: read once by generate, after its loop.
+        self.bad_at = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         self._call_eos = self.eos
         self.logits = None
         self.use_graph = device.type == "cuda" if cuda_graph is None else (cuda_graph and device.type == "cuda")
@@ -384,6 +387,7 @@ class Decoder:
         self.index.zero_()
         self.done.zero_()
         self.hit_eos.zero_()
+        self.bad_at.fill_(-1)
         self.pad.fill_(pad_id)
         self.eos.fill_(-1)
         if len(eos_ids) > MAX_EOS:  # (a graph checks only MAX_EOS ids: generate then avoids it)
@@ -394,10 +398,22 @@ class Decoder:
 
     def advance(self, picked: torch.Tensor | None = None, logits: torch.Tensor | None = None,
                 seen: torch.Tensor | None = None) -> None:
-        """Record the next token per row: ``picked`` (``[B]``), or the argmax of ``logits``; see
+        """Record the next token per row: ``picked`` (``[B]``), or the argmax of ``logits`` (a row whose
+        largest logit is NaN or infinite gets padding and is done, its index in ``bad_at``); see
         ``ops.triton_pick.advance``."""
         triton_pick.advance(self.out, self.index, self.tokens, self.done, self.hit_eos, self._call_eos, self.pad,
-                            picked=picked, logits=logits, seen=seen)
+                            picked=picked, logits=logits, seen=seen, bad_at=self.bad_at)
+
+    def screen(self, logits: torch.Tensor) -> torch.Tensor:
+        """Before sampling from ``logits`` (``[B, V]``): what ``advance`` does for the argmax, on the
+        device (no sync). A live row whose largest logit is NaN or infinite is done from here (its token
+        will be padding) and its index goes into ``bad_at``; its logits come back as zeros, so that
+        sampling still draws a token for it."""
+        finite = torch.isfinite(logits.max(-1).values)
+        broken = ~finite & ~self.done
+        self.bad_at.copy_(torch.where(broken & (self.bad_at < 0), self.index, self.bad_at))
+        self.done |= broken
+        return torch.where(finite[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,7 +493,7 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
                 decoder.greedy_step()
             else:
                 if i > 0:
-                    logits = decoder.step_recorded()
+                    logits = decoder.screen(decoder.step_recorded())
                 decoder.advance(sample_next(logits, cfg, seen, generator), seen=seen)
             steps = i + 1
             last = i + 1 == cfg.max_new_tokens
@@ -498,6 +514,15 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()
 
+    # Logits that broke during decoding (the prompt's were checked above) stopped their rows; once per
+    # call, here, where the device has synchronised anyway.
+    bad_at = decoder.bad_at.tolist()
+    broken = [r for r, at in enumerate(bad_at) if at >= 0]
+    if broken and not interrupted:
+        r = broken[0]
+        n, where = bad_at[r], f" (batch row {r})" if bsz > 1 else ""
+        raise NonFiniteLogitsError(f"the model's logits became NaN or inf after {n} generated token"
+                                   f"{'' if n == 1 else 's'}{where}; are its weights finite?")
     rows = out[:, :steps].tolist()
     hit = decoder.hit_eos.tolist()
     sequences = []

@@ -7,6 +7,7 @@ OMP_NUM_THREADS=1: tiny matrices, and a shared CPU makes OpenMP spin-waiting ver
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -337,6 +338,23 @@ def test_non_finite_weights_are_named(model_dir, runner, tmp_path, mode):
     assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr.splitlines()[-1] == f"error: {broken}: the model's logits after the prompt are NaN or inf; " \
                                         "are its weights finite?"
+
+
+@pytest.mark.parametrize("mode", [[], ["--greedy"]], ids=["sampled", "greedy"])
+def test_logits_that_break_while_decoding_are_named(model_dir, runner, tmp_path, mode):
+    """Weights that give finite logits for the prompt and NaN once a generated token is fed back (every
+    input embedding NaN but the prompt's and the special tokens'): exit 1 with one line naming the model
+    and when it broke, not arbitrary tokens (greedy) or a traceback (sampled)."""
+    from nemotron_core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    keep = sorted(set(tok("Hello")["input_ids"]) | {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+                                                    if i is not None})
+    broken = tiny.nan_embeddings_copy(model_dir, tmp_path / "nan", keep)
+    r = invoke(runner, str(broken), "--prompt", "Hello", "-n", "8", "--seed", "0", "--json", *mode)
+    assert r.exit_code == 1 and r.stdout == "", r.stderr
+    assert re.fullmatch(rf"error: {re.escape(str(broken))}: the model's logits became NaN or inf after \d+ generated "
+                        r"tokens?; are its weights finite\?", r.stderr.splitlines()[-1]), r.stderr
 
 
 def test_huge_max_new_tokens_sizes_the_cache_for_the_cap(model_dir, runner, tmp_path):

@@ -207,6 +207,37 @@ def test_pick_on_device_equals_torch_bookkeeping(models, monkeypatch):
         assert out.finish_reasons == want.finish_reasons
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["greedy", "greedy_penalty", "sampled"])
+def test_logits_that_break_while_decoding_are_an_error(models, mode):
+    """Logits that turn NaN after a finite prompt (here: every input embedding NaN but those of the prompts'
+    and row 0's tokens, so row 1 breaks at the first other token it feeds back) stop generate with
+    NonFiniteLogitsError naming the row and the token count, in every decode path: the greedy pick
+    captured with the step (the check rides on its argmax), and the paths that sample or penalise (checked
+    before sampling). There is no host sync per token for it: generate reads the record once, at the end."""
+    import copy
+
+    from nemotron_core.generation import NonFiniteLogitsError
+
+    _, ours = models
+    prompts = [_ids(1, 6, seed=50)[0].tolist(), _ids(1, 4, seed=51)[0].tolist()]
+    cfg = {"greedy": SamplingConfig(max_new_tokens=24, do_sample=False),
+           "greedy_penalty": SamplingConfig(max_new_tokens=24, do_sample=False, repetition_penalty=1.3),
+           "sampled": SamplingConfig(max_new_tokens=24, top_k=40, seed=5)}[mode]
+    clean = generate(ours, prompts, cfg, pad_id=PAD).sequences
+    keep = sorted(set(prompts[0]) | set(prompts[1]) | set(clean[0]) | {PAD})  # (row 1 is left-padded)
+    breaks = next(j for j, t in enumerate(clean[1]) if t not in keep) + 1  # the token after it
+    assert breaks < 24, "row 1 never feeds back a token outside keep: pick other prompts"
+    broken = copy.deepcopy(ours)
+    emb = broken.model.embed_tokens.weight
+    kept = emb[keep].clone()
+    emb.fill_(float("nan"))
+    emb[keep] = kept
+    with pytest.raises(NonFiniteLogitsError, match=rf"became NaN or inf after {breaks} generated tokens? "
+                                                    r"\(batch row 1\)"):
+        generate(broken, prompts, cfg, pad_id=PAD)
+
+
 # ---- sample_next ---------------------------------------------------------------------------------------------
 def _probs_logits(probs: list[float], rows: int = 4000) -> torch.Tensor:
     return torch.tensor(probs).log().expand(rows, -1).clone()

@@ -26,8 +26,9 @@ def _run(fn, state: dict, **kw) -> dict:
     st = {k: v.clone().to(DEVICE) for k, v in state.items()}
     args = {k: v.clone().to(DEVICE) for k, v in kw.items()}
     fn(**st, **args)
-    if "seen" in args:  # updated in place
-        st["seen"] = args["seen"]
+    for name in ("seen", "bad_at"):  # updated in place
+        if name in args:
+            st[name] = args[name]
     return st
 
 
@@ -72,6 +73,27 @@ def test_picked_tokens_eos_and_seen_match_reference() -> None:
     assert want["done"].tolist() == [True, True, True, False, False]  # two EOS ids hit
     assert want["index"].item() == 3
     assert want["seen"].nonzero().tolist() == [[0, 5], [0, 7], [1, 11], [3, 3], [4, 9]]  # not the finished row
+    for k in want:
+        assert torch.equal(want[k].cpu(), got[k].cpu()), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_pick_stops_rows_whose_logits_broke(dtype: torch.dtype, monkeypatch) -> None:
+    """With ``bad_at``: a live row whose largest logit is NaN, +inf or -inf (nothing finite) is done from
+    this token on (it gets padding, not the argmax of garbage) and ``bad_at`` records the index, unless a
+    row already has one; finite rows and finished rows are left alone."""
+    monkeypatch.setattr(triton_pick, "ARGMAX_BLOCK", 16)
+    g = torch.Generator().manual_seed(2)
+    logits = _logits(7, 100, g, dtype)  # row 2 holds NaNs, row 3 is all -inf
+    logits[5, 60] = float("inf")
+    logits[6, 7] = float("nan")  # row 6 broke before: its first index stays
+    state = _state(7, 5, g, done_rows=[4])
+    bad_at = torch.tensor([-1, -1, -1, -1, -1, -1, 1])
+    want = _run(triton_pick.advance_reference, state, logits=logits, bad_at=bad_at)
+    got = _run(triton_pick.advance, state, logits=logits, bad_at=bad_at)
+    assert want["out"][:, 2].tolist() == [3, 70, 0, 0, 0, 0, 0]
+    assert want["done"].tolist() == [False, False, True, True, True, True, True]
+    assert want["bad_at"].tolist() == [-1, -1, 2, 2, -1, 2, 1]
     for k in want:
         assert torch.equal(want[k].cpu(), got[k].cpu()), k
 

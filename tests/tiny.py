@@ -155,3 +155,23 @@ def nan_lm_head_copy(model_dir: str | Path, dest: Path) -> Path:
             tensors["lm_head.weight"].fill_(float("nan"))
             save_file(tensors, shard, metadata={"format": "pt"})
     return dest
+
+
+def nan_embeddings_copy(model_dir: str | Path, dest: Path, keep: list[int]) -> Path:
+    """A copy of a model directory whose input embeddings are NaN for every token id but ``keep``: a
+    prompt of those ids gives finite logits, and decoding breaks at the first other token fed back."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, dest)
+    for shard in dest.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if name.endswith("embeddings.weight") or name.endswith("embed_tokens.weight"):
+                kept = t[keep].clone()
+                t.fill_(float("nan"))
+                t[keep] = kept
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return dest
+

@@ -226,10 +226,10 @@ def main() -> int:
     for from_logits, seen in ((True, False), (False, True)):
         sig = {"val_ptr": "*fp32", "idx_ptr": "*i32", **ptrs("picked_ptr out_ptr index_ptr tokens_ptr", "i64"),
                **ptrs("done_ptr hit_ptr", "i1"), **ptrs("eos_ptr pad_ptr", "i64"), "seen_ptr": "*i1",
-               **ints("B NB NE stride_ob stride_tb stride_sb")}
+               "bad_ptr": "*i64", **ints("B NB NE stride_ob stride_tb stride_sb")}
         results.append(compile_one(f"advance from_logits={from_logits} seen={seen}", advance, sig,
                                    {"BLOCK_B": 8, "NB_P2": 32, "NE_P2": 16, "FROM_LOGITS": from_logits,
-                                    "HAS_SEEN": seen}, 1))
+                                    "HAS_SEEN": seen, "HAS_BAD": from_logits}, 1))
     print(f"{sum(results)} of {len(results)} kernel variants compiled for sm_90")
     return 0 if all(results) else 1
 

@@ -10,7 +10,9 @@ Nano step (``benchmarks/gpu_step_gap.py``). Here it is:
 * ``argmax_partials``: each program finds the largest logit of one block of a row (the first one on
   ties, the first NaN if there is one, as ``torch.argmax`` does);
 * ``advance``: one program reduces those partials to each row's token, or takes tokens picked
-  elsewhere (sampled), and does the bookkeeping, reading the step's index on the device.
+  elsewhere (sampled), and does the bookkeeping, reading the step's index on the device. A row whose
+  largest logit is NaN or infinite stops there, its index recorded: greedy decoding notices broken
+  logits without a host sync per token (``generate`` reads the record once, at the end).
 
 Both touch only device buffers, so the greedy pick and the bookkeeping are captured in the decode
 step's graph (``generation.Decoder``): the host replays one graph per token and launches nothing
@@ -65,11 +67,14 @@ def _kernels():
 
     @triton.jit
     def advance(val_ptr, idx_ptr, picked_ptr, out_ptr, index_ptr, tokens_ptr, done_ptr, hit_ptr, eos_ptr,
-                pad_ptr, seen_ptr, B, NB, NE, stride_ob, stride_tb, stride_sb, BLOCK_B: tl.constexpr,
-                NB_P2: tl.constexpr, NE_P2: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_SEEN: tl.constexpr):
+                pad_ptr, seen_ptr, bad_ptr, B, NB, NE, stride_ob, stride_tb, stride_sb, BLOCK_B: tl.constexpr,
+                NB_P2: tl.constexpr, NE_P2: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_SEEN: tl.constexpr,
+                HAS_BAD: tl.constexpr):
         BIG: tl.constexpr = 2147483647
         rows = tl.arange(0, BLOCK_B)
         live = rows < B
+        done = tl.load(done_ptr + rows, mask=live, other=0) != 0
+        i = tl.load(index_ptr)
         if FROM_LOGITS:
             # Blocks come in index order and each holds its first maximum: the smallest index among
             # the blocks that reach the row's maximum is the row's first maximum.
@@ -78,13 +83,18 @@ def _kernels():
             m2 = live[:, None] & (cols[None, :] < NB)
             vals = tl.load(val_ptr + at, mask=m2, other=float("-inf"))
             idxs = tl.load(idx_ptr + at, mask=m2, other=BIG)
-            _, picked = _first_max(vals, idxs, 1)
+            best, picked = _first_max(vals, idxs, 1)
             picked = picked.to(tl.int64)
+            if HAS_BAD:
+                # A live row whose largest logit is NaN or infinite is done from here (this token is
+                # padding); the first such index is recorded for the caller.
+                broken = live & ~done & ((best != best) | (tl.abs(best) == float("inf")))
+                bad = tl.load(bad_ptr + rows, mask=live, other=-1)
+                tl.store(bad_ptr + rows, tl.where(broken & (bad < 0), i, bad), mask=live)
+                done = done | broken
         else:
             picked = tl.load(picked_ptr + rows, mask=live, other=0).to(tl.int64)
-        done = tl.load(done_ptr + rows, mask=live, other=0) != 0
         tok = tl.where(done, tl.load(pad_ptr), picked)
-        i = tl.load(index_ptr)
         tl.store(out_ptr + rows.to(tl.int64) * stride_ob + i, tok, mask=live)
         if HAS_SEEN:  # (repetition penalty) a live row has now seen its token
             tl.store(seen_ptr + rows.to(tl.int64) * stride_sb + tok, live, mask=live & ~done)
@@ -103,12 +113,19 @@ def _kernels():
 
 def advance_reference(out: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor, done: torch.Tensor,
                       hit_eos: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor, picked: torch.Tensor | None = None,
-                      logits: torch.Tensor | None = None, seen: torch.Tensor | None = None) -> None:
+                      logits: torch.Tensor | None = None, seen: torch.Tensor | None = None,
+                      bad_at: torch.Tensor | None = None) -> None:
     """What ``advance`` does, in torch ops. Row b's token is ``picked[b]`` (or ``logits[b].argmax()``),
     ``pad`` where ``done[b]``; it goes to ``out[b, index]`` and ``tokens[b]``, and into ``seen`` where the row
-    is live; a live row whose token is in ``eos`` gets ``hit_eos`` and ``done``; ``index`` goes up by one."""
+    is live; a live row whose token is in ``eos`` gets ``hit_eos`` and ``done``; ``index`` goes up by one.
+    With ``logits`` and ``bad_at``: a live row whose largest logit is NaN or infinite is done first (its
+    token is ``pad``), and ``bad_at[b]`` gets ``index`` unless it was set (>= 0) already."""
     if picked is None:
         picked = logits.argmax(-1)
+        if bad_at is not None:
+            broken = ~torch.isfinite(logits.max(-1).values) & ~done
+            bad_at.copy_(torch.where(broken & (bad_at < 0), index, bad_at))
+            done |= broken
     tok = torch.where(done, pad, picked)
     out.index_copy_(1, index, tok[:, None])
     if seen is not None:
@@ -122,15 +139,17 @@ def advance_reference(out: torch.Tensor, index: torch.Tensor, tokens: torch.Tens
 
 def advance(out: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor, done: torch.Tensor,
             hit_eos: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor, picked: torch.Tensor | None = None,
-            logits: torch.Tensor | None = None, seen: torch.Tensor | None = None) -> None:
+            logits: torch.Tensor | None = None, seen: torch.Tensor | None = None,
+            bad_at: torch.Tensor | None = None) -> None:
     """``advance_reference`` in at most two launches and no host sync (capturable); the reference where
     the kernels cannot run. Buffers: ``out [B, T]``, ``tokens [B, 1]`` int64; ``index``, ``pad`` one-element
     int64; ``done``, ``hit_eos [B]`` and ``seen [B, V]`` bool; ``eos [E]`` int64 (-1 never matches);
-    ``logits [B, V]`` (any float dtype; the largest logit wins, the first on ties, as in argmax)."""
+    ``logits [B, V]`` (any float dtype; the largest logit wins, the first on ties, as in argmax);
+    ``bad_at [B]`` int64 (-1 while a row's logits are finite)."""
     if (picked is None) == (logits is None):
         raise ValueError("give either picked tokens or logits")
     if not usable(out) or (logits is not None and logits.stride(-1) != 1):
-        advance_reference(out, index, tokens, done, hit_eos, eos, pad, picked, logits, seen)
+        advance_reference(out, index, tokens, done, hit_eos, eos, pad, picked, logits, seen, bad_at)
         return
     argmax_partials, advance_kernel, cdiv = _kernels()
     bsz = out.shape[0]
@@ -146,7 +165,8 @@ def advance(out: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor, done: 
         picked = picked.contiguous()
         nb, vals, idxs = 1, picked, picked  # (unread)
     advance_kernel[(1,)](vals, idxs, picked if picked is not None else index, out, index, tokens, done, hit_eos, eos,
-                         pad, seen if seen is not None else done, bsz, nb, eos.numel(), out.stride(0),
-                         tokens.stride(0), seen.stride(0) if seen is not None else 0, BLOCK_B=_next_pow2(bsz),
-                         NB_P2=_next_pow2(nb), NE_P2=_next_pow2(eos.numel()), FROM_LOGITS=logits is not None,
-                         HAS_SEEN=seen is not None, num_warps=1 if bsz * nb <= 256 else 4)
+                         pad, seen if seen is not None else done, bad_at if bad_at is not None else index, bsz, nb,
+                         eos.numel(), out.stride(0), tokens.stride(0), seen.stride(0) if seen is not None else 0,
+                         BLOCK_B=_next_pow2(bsz), NB_P2=_next_pow2(nb), NE_P2=_next_pow2(eos.numel()),
+                         FROM_LOGITS=logits is not None, HAS_SEEN=seen is not None,
+                         HAS_BAD=logits is not None and bad_at is not None, num_warps=1 if bsz * nb <= 256 else 4)

@@ -58,3 +58,32 @@ def test_greedy_graph_gives_the_same_tokens(monkeypatch, batch: int) -> None:
         assert a.cuda_graph and b.cuda_graph
         assert a.sequences == b.sequences and a.finish_reasons == b.finish_reasons
     assert runs[True][0].finish_reasons[-1] == "eos"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_logits_that_break_while_decoding_stop_the_graph_loop(monkeypatch, fused: bool) -> None:
+    """A row whose logits turn NaN after the prompt (every input embedding NaN but the prompts' and row 0's
+    tokens) is caught by the argmax captured in the greedy graph (fused) or by the check before the pick
+    between replays of the plain step's graph: NonFiniteLogitsError naming row 1 and the token count."""
+    triton_ops("triton_pick")
+    from nemotron_core import generation
+    from nemotron_core.create import build_config, random_model
+    from nemotron_core.generation import Decoder, NonFiniteLogitsError, SamplingConfig, generate
+
+    monkeypatch.setattr(generation, "GREEDY_IN_GRAPH", fused)
+    model = random_model(build_config("tiny"), torch.bfloat16, seed=0, device="cuda").eval()
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (12, 9)]
+    cfg = SamplingConfig(max_new_tokens=24, do_sample=False, repetition_penalty=1.0 if fused else 1.2)
+    clean = generate(model, prompts, cfg, decoder=Decoder(model, 2, 64)).sequences
+    keep = sorted(set(prompts[0]) | set(prompts[1]) | set(clean[0]) | {0})  # (0: row 1's left padding)
+    breaks = next(j for j, t in enumerate(clean[1]) if t not in keep) + 1
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        kept = emb[keep].clone()
+        emb.fill_(float("nan"))
+        emb[keep] = kept
+    dec = Decoder(model, 2, 64)
+    with pytest.raises(NonFiniteLogitsError, match=rf"after {breaks} generated tokens? \(batch row 1\)"):
+        generate(model, prompts, cfg, decoder=dec, sync_every=4)
+    assert (dec.greedy_graph if fused else dec.graph) is not None
