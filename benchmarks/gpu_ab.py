@@ -188,6 +188,14 @@ def _greedy_in_graph(model, on: bool) -> None:
     generation.GREEDY_IN_GRAPH = on
 
 
+def _check_logits(model, on: bool) -> None:
+    """The decode loop's check of each token's logits for NaN/inf (in the greedy pick's kernel), against
+    none."""
+    from nemotron_core import generation
+
+    generation.CHECK_DECODE_LOGITS = on
+
+
 def _null(model, on: bool) -> None:
     """Nothing: both settings are the same path, so their difference is the A/B's own noise."""
 
@@ -230,7 +238,7 @@ SWITCHES = {
     "mamba_step_without_mamba_ssm": _mamba_step_without_mamba_ssm, "sorted_experts": _sorted_experts,
     "shared_ahead": _shared_ahead, "route_pdl": _route_pdl, "mamba_early": _mamba_early, "down_early": _down_early,
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
-    "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null,
+    "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null, "check_logits": _check_logits,
     "expert_autotuned": _expert_autotuned, "expert_64": _expert_64, "expert_64_256": _expert_64_256,
     # gemv_split1: the pinned one split, against the two splits the autotuner once picked for in_proj.
     "expert_pin": _expert_pin, "gemv_split1": _against(_pinned_wide(SPLIT=2)),

@@ -39,6 +39,9 @@ PREFILL_BUCKET = 64
 GREEDY_IN_GRAPH = True
 # EOS ids the captured greedy step checks (a call with more decodes without that graph).
 MAX_EOS = 16
+# Whether the decode loop checks each token's logits for NaN/inf (``Decoder.bad_at``; the prompt's are
+# always checked). A switch for benchmarks (``gpu_ab.py --switch check_logits``).
+CHECK_DECODE_LOGITS = True
 
 
 @dataclass
@@ -402,13 +405,16 @@ class Decoder:
         largest logit is NaN or infinite gets padding and is done, its index in ``bad_at``); see
         ``ops.triton_pick.advance``."""
         triton_pick.advance(self.out, self.index, self.tokens, self.done, self.hit_eos, self._call_eos, self.pad,
-                            picked=picked, logits=logits, seen=seen, bad_at=self.bad_at)
+                            picked=picked, logits=logits, seen=seen,
+                            bad_at=self.bad_at if CHECK_DECODE_LOGITS else None)
 
     def screen(self, logits: torch.Tensor) -> torch.Tensor:
         """Before sampling from ``logits`` (``[B, V]``): what ``advance`` does for the argmax, on the
         device (no sync). A live row whose largest logit is NaN or infinite is done from here (its token
         will be padding) and its index goes into ``bad_at``; its logits come back as zeros, so that
         sampling still draws a token for it."""
+        if not CHECK_DECODE_LOGITS:
+            return logits
         finite = torch.isfinite(logits.max(-1).values)
         broken = ~finite & ~self.done
         self.bad_at.copy_(torch.where(broken & (self.bad_at < 0), self.index, self.bad_at))
