@@ -442,7 +442,8 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
 
     ``on_tokens(new_ids_cpu [B, k])`` is called at every host sync with the tokens produced since the
     last one; it may return a list of B booleans marking rows to stop (stop strings). ``KeyboardInterrupt`` stops
-    cleanly: what was generated so far is returned with finish reason "interrupted"."""
+    cleanly: what was generated so far is returned with finish reason "interrupted". Logits that are NaN or
+    infinite (any of the prompt's, or a later token's largest) raise ``NonFiniteLogitsError``."""
     cfg.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InputError("every prompt needs at least one token")
@@ -540,6 +541,8 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
         cut = next((j for j, t in enumerate(row) if t in eos_set), None) if hit[r] else None
         if cut is not None:
             row, reason = row[: cut + 1], "eos"
+        elif bad_at[r] >= 0:  # (interrupted, else raised above) padding from where its logits broke
+            row, reason = row[: bad_at[r]], "interrupted"
         elif stopped[r]:
             # Steps after the stop hold padding (or, with sync_every > 1, tokens past the stop).
             row, reason = row[: stop_step[r]], "stop"

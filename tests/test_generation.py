@@ -207,35 +207,63 @@ def test_pick_on_device_equals_torch_bookkeeping(models, monkeypatch):
         assert out.finish_reasons == want.finish_reasons
 
 
+_BREAK_CFGS = {"greedy": SamplingConfig(max_new_tokens=24, do_sample=False),
+               "greedy_penalty": SamplingConfig(max_new_tokens=24, do_sample=False, repetition_penalty=1.3),
+               "sampled": SamplingConfig(max_new_tokens=24, top_k=40, seed=5)}
+
+
+def _row_one_breaks(ours, cfg: SamplingConfig):
+    """(a copy of ``ours`` whose input embeddings are NaN but for the prompts', row 0's tokens and the
+    padding, two prompts, the count of tokens row 1 generates before its logits break)."""
+    import copy
+
+    prompts = [_ids(1, 6, seed=50)[0].tolist(), _ids(1, 4, seed=51)[0].tolist()]
+    clean = generate(ours, prompts, cfg, pad_id=PAD).sequences
+    keep = sorted(set(prompts[0]) | set(prompts[1]) | set(clean[0]) | {PAD})  # (row 1 is left-padded)
+    breaks = next(j for j, t in enumerate(clean[1]) if t not in keep) + 1  # the token after it
+    assert breaks < cfg.max_new_tokens, "row 1 never feeds back a token outside keep: pick other prompts"
+    broken = copy.deepcopy(ours)
+    emb = broken.model.embed_tokens.weight
+    kept = emb[keep].clone()
+    emb.fill_(float("nan"))
+    emb[keep] = kept
+    return broken, prompts, breaks
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("mode", ["greedy", "greedy_penalty", "sampled"])
+@pytest.mark.parametrize("mode", sorted(_BREAK_CFGS))
 def test_logits_that_break_while_decoding_are_an_error(models, mode):
     """Logits that turn NaN after a finite prompt (here: every input embedding NaN but those of the prompts'
     and row 0's tokens, so row 1 breaks at the first other token it feeds back) stop generate with
     NonFiniteLogitsError naming the row and the token count, in every decode path: the greedy pick
     captured with the step (the check rides on its argmax), and the paths that sample or penalise (checked
     before sampling). There is no host sync per token for it: generate reads the record once, at the end."""
-    import copy
-
     from nemotron_core.generation import NonFiniteLogitsError
 
-    _, ours = models
-    prompts = [_ids(1, 6, seed=50)[0].tolist(), _ids(1, 4, seed=51)[0].tolist()]
-    cfg = {"greedy": SamplingConfig(max_new_tokens=24, do_sample=False),
-           "greedy_penalty": SamplingConfig(max_new_tokens=24, do_sample=False, repetition_penalty=1.3),
-           "sampled": SamplingConfig(max_new_tokens=24, top_k=40, seed=5)}[mode]
-    clean = generate(ours, prompts, cfg, pad_id=PAD).sequences
-    keep = sorted(set(prompts[0]) | set(prompts[1]) | set(clean[0]) | {PAD})  # (row 1 is left-padded)
-    breaks = next(j for j, t in enumerate(clean[1]) if t not in keep) + 1  # the token after it
-    assert breaks < 24, "row 1 never feeds back a token outside keep: pick other prompts"
-    broken = copy.deepcopy(ours)
-    emb = broken.model.embed_tokens.weight
-    kept = emb[keep].clone()
-    emb.fill_(float("nan"))
-    emb[keep] = kept
+    broken, prompts, breaks = _row_one_breaks(models[1], _BREAK_CFGS[mode])
     with pytest.raises(NonFiniteLogitsError, match=rf"became NaN or inf after {breaks} generated tokens? "
                                                     r"\(batch row 1\)"):
-        generate(broken, prompts, cfg, pad_id=PAD)
+        generate(broken, prompts, _BREAK_CFGS[mode], pad_id=PAD)
+
+
+@torch.no_grad()
+def test_interrupt_after_logits_broke_keeps_the_tokens_before(models):
+    """Ctrl-C after a row's logits broke: no error (the user stopped), the row keeps the tokens it had
+    before, and its finish reason is "interrupted"."""
+    cfg = _BREAK_CFGS["greedy"]
+    broken, prompts, breaks = _row_one_breaks(models[1], cfg)
+    clean = generate(models[1], prompts, cfg, pad_id=PAD).sequences
+
+    def interrupt(new):
+        if interrupt.seen > breaks:
+            raise KeyboardInterrupt
+        interrupt.seen += new.shape[1]
+
+    interrupt.seen = 0
+    out = generate(broken, prompts, cfg, pad_id=PAD, on_tokens=interrupt, sync_every=1)
+    assert out.finish_reasons == ["interrupted", "interrupted"]
+    assert out.sequences[1] == clean[1][:breaks]
+    assert out.sequences[0] == clean[0][:len(out.sequences[0])] and len(out.sequences[0]) > breaks
 
 
 # ---- sample_next ---------------------------------------------------------------------------------------------
