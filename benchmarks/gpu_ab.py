@@ -196,6 +196,27 @@ def _check_logits(model, on: bool) -> None:
     generation.CHECK_DECODE_LOGITS = on
 
 
+_COMBINE = []  # the real triton_moe.combine_triton, once replaced
+
+
+def _combine_unnormed_bound(model, on: bool) -> None:
+    """A timing bound, not a path (its tokens are wrong): the decode MoE combine spread over its
+    column blocks without the next block's RMSNorm, its raw output passed on as if normalised. What a
+    combine that left the norm to the next projection (in_proj applying it on the fly) could save at
+    most."""
+    from nemotron_core.ops import triton_experts, triton_moe
+
+    if not _COMBINE:
+        _COMBINE.append(triton_moe.combine_triton)
+    real = _COMBINE[0]
+
+    def unnormed(*args, next_norm=None, **kwargs):
+        out = real(*args, **kwargs)
+        return out if next_norm is None else (out, out)
+
+    triton_experts.combine_triton = unnormed if on else real
+
+
 def _null(model, on: bool) -> None:
     """Nothing: both settings are the same path, so their difference is the A/B's own noise."""
 
@@ -239,6 +260,7 @@ SWITCHES = {
     "shared_ahead": _shared_ahead, "route_pdl": _route_pdl, "mamba_early": _mamba_early, "down_early": _down_early,
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
     "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null, "check_logits": _check_logits,
+    "combine_unnormed_bound": _combine_unnormed_bound,
     "expert_autotuned": _expert_autotuned, "expert_64": _expert_64, "expert_64_256": _expert_64_256,
     # gemv_split1: the pinned one split, against the two splits the autotuner once picked for in_proj.
     "expert_pin": _expert_pin, "gemv_split1": _against(_pinned_wide(SPLIT=2)),
