@@ -217,6 +217,46 @@ def _combine_unnormed_bound(model, on: bool) -> None:
     triton_experts.combine_triton = unnormed if on else real
 
 
+def _free_bound(module: str, name: str, fake):
+    """A timing bound, not a path (its tokens are wrong): ``nemotron_core.<module>.<name>`` replaced by
+    ``fake(real, *args, **kwargs)``, which returns outputs of the right shapes without launching the
+    kernel: what that kernel costs the step at most."""
+    import importlib
+
+    mod = importlib.import_module(f"nemotron_core.{module}")
+    real = getattr(mod, name)
+
+    def switch(model, on: bool) -> None:
+        setattr(mod, name, (lambda *a, **kw: fake(real, *a, **kw)) if on else real)
+
+    return switch
+
+
+_FAKE_OUT: dict = {}  # (name, shape) -> a tensor made once, outside the graphs' captures
+
+
+def _fake_route(real, logits, bias, top_k, scaling, norm_topk_prob):
+    """Fixed routing at decode: row t takes experts (t * k + j) mod E; no route kernel. (A prompt keeps the
+    real routing: its expert kernel's time depends on how even the routing is.)"""
+    n, n_exp = logits.shape[-2:]
+    if n >= 64:
+        return real(logits, bias, top_k, scaling, norm_topk_prob)
+    key = ("route", n, top_k, logits.device)
+    if key not in _FAKE_OUT:
+        ids = (torch.arange(n * top_k, device=logits.device) % n_exp).view(n, top_k)
+        _FAKE_OUT[key] = (ids, torch.full((n, top_k), 1.0 / top_k, device=logits.device))
+    return _FAKE_OUT[key]
+
+
+def _fake_mamba_step(real, zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, *rest, **kw):
+    """The Mamba block's decode step skipped: out_proj reads a fixed buffer."""
+    bsz, heads, p, _ = ssm_state.shape
+    key = ("mamba", bsz, heads * p, zxbcdt.dtype, zxbcdt.device)
+    if key not in _FAKE_OUT:
+        _FAKE_OUT[key] = torch.zeros(bsz, heads * p, dtype=zxbcdt.dtype, device=zxbcdt.device)
+    return _FAKE_OUT[key]
+
+
 def _null(model, on: bool) -> None:
     """Nothing: both settings are the same path, so their difference is the A/B's own noise."""
 
@@ -261,6 +301,8 @@ SWITCHES = {
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
     "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null, "check_logits": _check_logits,
     "combine_unnormed_bound": _combine_unnormed_bound,
+    "route_free_bound": _free_bound("ops.triton_moe", "route_triton", _fake_route),
+    "mamba_step_free_bound": _free_bound("ops.triton_mamba_step", "mamba_step", _fake_mamba_step),
     "expert_autotuned": _expert_autotuned, "expert_64": _expert_64, "expert_64_256": _expert_64_256,
     # gemv_split1: the pinned one split, against the two splits the autotuner once picked for in_proj.
     "expert_pin": _expert_pin, "gemv_split1": _against(_pinned_wide(SPLIT=2)),
