@@ -116,7 +116,20 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | 
 
 
 class NonFiniteLogitsError(NemotronError):
-    """The model's logits are NaN/inf (a runtime failure, exit code 1): broken or overflowing weights."""
+    """The model's logits are NaN/inf (a runtime failure, exit code 1): broken or overflowing weights.
+    ``row`` (the batch row) and ``after`` (its tokens generated before) when it happened while decoding,
+    else None."""
+
+    def __init__(self, message: str, row: int | None = None, after: int | None = None) -> None:
+        super().__init__(message)
+        self.row, self.after = row, after
+
+
+def broken_logits_message(after: int, where: str = "") -> str:
+    """``NonFiniteLogitsError``'s message for logits that broke while decoding, ``after`` tokens into a
+    row; ``where`` names the row (e.g. " (batch row 1)")."""
+    return (f"the model's logits became NaN or inf after {after} generated token{'' if after == 1 else 's'}"
+            f"{where}; are its weights finite?")
 
 
 @dataclass
@@ -527,9 +540,8 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int =
     broken = [r for r, at in enumerate(bad_at) if at >= 0]
     if broken and not interrupted:
         r = broken[0]
-        n, where = bad_at[r], f" (batch row {r})" if bsz > 1 else ""
-        raise NonFiniteLogitsError(f"the model's logits became NaN or inf after {n} generated token"
-                                   f"{'' if n == 1 else 's'}{where}; are its weights finite?")
+        raise NonFiniteLogitsError(broken_logits_message(bad_at[r], f" (batch row {r})" if bsz > 1 else ""),
+                                   row=r, after=bad_at[r])
     rows = out[:, :steps].tolist()
     hit = decoder.hit_eos.tolist()
     sequences = []

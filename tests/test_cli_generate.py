@@ -357,6 +357,29 @@ def test_logits_that_break_while_decoding_are_named(model_dir, runner, tmp_path,
                         r"tokens?; are its weights finite\?", r.stderr.splitlines()[-1]), r.stderr
 
 
+def test_logits_that_break_in_a_batch_name_the_prompt(model_dir, runner, monkeypatch):
+    """With several prompts, logits that break while decoding name the prompt by its place in the input (as
+    --json's "index"), not by its row in the batch; the batches before it are written."""
+    from nemotron_core import generation
+
+    real = generation.generate
+    calls = []
+
+    def second_batch_breaks(model, prompts, cfg, **kwargs):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise generation.NonFiniteLogitsError("broken", row=1, after=3)
+        return real(model, prompts, cfg, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", second_batch_breaks)
+    jsonl = "".join(json.dumps({"prompt": p}) + "\n" for p in "abcd")
+    r = invoke(runner, str(model_dir), "--greedy", "-n", "4", "--json", "--batch-size", "2", input=jsonl)
+    assert r.exit_code == 1 and calls == [2, 2]
+    assert [row["index"] for row in json_lines(r.stdout)] == [0, 1]
+    assert r.stderr.splitlines()[-1] == (f"error: {model_dir}: the model's logits became NaN or inf after 3 generated "
+                                         "tokens (prompt 3); are its weights finite?")
+
+
 def test_huge_max_new_tokens_sizes_the_cache_for_the_cap(model_dir, runner, tmp_path):
     """-n far beyond the model's limit is capped, and so is the cache: sized for the asked number it would
     need terabytes (this failed to allocate before the fix)."""

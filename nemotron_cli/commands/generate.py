@@ -333,7 +333,8 @@ def generate(
 
     from rich.markup import escape
 
-    from nemotron_core.generation import PREFILL_BUCKET, Decoder, NonFiniteLogitsError, SamplingConfig
+    from nemotron_core.generation import (PREFILL_BUCKET, Decoder, NonFiniteLogitsError, SamplingConfig,
+                                          broken_logits_message)
     from nemotron_core.generation import generate as core_generate
     from nemotron_core.modeling.model import NemotronHForCausalLM
 
@@ -470,9 +471,12 @@ def generate(
         try:
             result = core_generate(lm, batch, bcfg, pad_id=pad_id, on_tokens=on_tokens if need_cb else None,
                                    decoder=decoder)
-        except NonFiniteLogitsError as e:  # found on the prompt's logits
-            raise NemotronError(f"{model}: {e}") from None
-        except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities later in the run
+        except NonFiniteLogitsError as e:  # on the prompt's logits, or a later token's
+            if e.row is None or len(records) == 1:
+                raise NemotronError(f"{model}: {e}") from None
+            # Name the prompt by its place in the input (as --json's "index"), not by its batch row.
+            raise NemotronError(f"{model}: {broken_logits_message(e.after, f' (prompt {start + e.row})')}") from None
+        except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities (an overflowing transform)
             if "probability tensor contains" not in str(e):
                 raise
             raise NemotronError(f"{model}: the model's next-token probabilities are NaN or inf; "
