@@ -428,10 +428,7 @@ class Decoder:
         sampling still draws a token for it."""
         if not CHECK_DECODE_LOGITS:
             return logits
-        finite = torch.isfinite(logits.max(-1).values)
-        broken = ~finite & ~self.done
-        self.bad_at.copy_(torch.where(broken & (self.bad_at < 0), self.index, self.bad_at))
-        self.done |= broken
+        finite = triton_pick.mark_broken(logits, self.done, self.bad_at, self.index)
         return torch.where(finite[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
 
 

@@ -111,6 +111,17 @@ def _kernels():
     return argmax_partials, advance, triton.cdiv
 
 
+def mark_broken(logits: torch.Tensor, done: torch.Tensor, bad_at: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A live row (not ``done``) whose largest logit is NaN or infinite is ``done`` from here, and ``bad_at``
+    takes ``index`` for it unless it holds one (>= 0) already; in place, no host sync. Returns which rows'
+    logits are finite (``[B]`` bool). The torch form of what ``advance`` checks on the argmax."""
+    finite = torch.isfinite(logits.max(-1).values)
+    broken = ~finite & ~done
+    bad_at.copy_(torch.where(broken & (bad_at < 0), index, bad_at))
+    done |= broken
+    return finite
+
+
 def advance_reference(out: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor, done: torch.Tensor,
                       hit_eos: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor, picked: torch.Tensor | None = None,
                       logits: torch.Tensor | None = None, seen: torch.Tensor | None = None,
@@ -123,9 +134,7 @@ def advance_reference(out: torch.Tensor, index: torch.Tensor, tokens: torch.Tens
     if picked is None:
         picked = logits.argmax(-1)
         if bad_at is not None:
-            broken = ~torch.isfinite(logits.max(-1).values) & ~done
-            bad_at.copy_(torch.where(broken & (bad_at < 0), index, bad_at))
-            done |= broken
+            mark_broken(logits, done, bad_at, index)
     tok = torch.where(done, pad, picked)
     out.index_copy_(1, index, tok[:, None])
     if seen is not None:
