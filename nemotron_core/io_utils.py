@@ -93,6 +93,20 @@ def remove_path(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def set_aside(p: Path, tag: str) -> Path:
+    """Rename ``p`` (a directory, file or link) to a hidden sibling ``.NAME.TAG-PID`` (``-N`` added when
+    that exists: never over what a killed run left behind) and return the new path: instant, nothing
+    copied, and it can be renamed back."""
+    real = p.resolve()
+    base = real.parent / f".{real.name}.{tag}-{os.getpid()}"
+    n, aside = 0, base
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = base.with_name(f"{base.name}-{n}")
+    os.replace(p, aside)
+    return aside
+
+
 def _apply_umask(root: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
@@ -116,8 +130,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
         # temporary directory behind or the old output moved aside.
         _apply_umask(tmp)  # mkdtemp makes 0700; give the result the permissions a plain mkdir would
         if final.exists():
-            backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, backup)
+            backup = set_aside(final, "old")
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -109,13 +109,9 @@ class _OutputGuard:
     def set_aside(self) -> None:
         if not (self.output.exists() or self.output.is_symlink()):
             return
-        parent, name = self.output.resolve().parent, self.output.resolve().name
-        n, backup = 0, parent / f".{name}.replaced-{os.getpid()}"
-        while backup.exists() or backup.is_symlink():  # never over a backup a killed run left behind
-            n += 1
-            backup = parent / f".{name}.replaced-{os.getpid()}-{n}"
-        os.replace(self.output, backup)  # a rename beside it: instant, and nothing is copied
-        self.backup, self.existed = backup, False
+        from nemotron_core.io_utils import set_aside
+
+        self.backup, self.existed = set_aside(self.output, "replaced"), False
 
     def checkpoint_saved(self, path: Path) -> None:
         self.saved = path
