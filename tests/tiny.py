@@ -142,24 +142,8 @@ def softplus_inv(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
-def nan_lm_head_copy(model_dir: str | Path, dest: Path) -> Path:
-    """A copy of a model directory whose LM head is all NaN (non-finite logits, loadable weights)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(model_dir, dest)
-    for shard in dest.glob("*.safetensors"):
-        tensors = load_file(shard)
-        if "lm_head.weight" in tensors:
-            tensors["lm_head.weight"].fill_(float("nan"))
-            save_file(tensors, shard, metadata={"format": "pt"})
-    return dest
-
-
-def nan_embeddings_copy(model_dir: str | Path, dest: Path, keep: list[int]) -> Path:
-    """A copy of a model directory whose input embeddings are NaN for every token id but ``keep``: a
-    prompt of those ids gives finite logits, and decoding breaks at the first other token fed back."""
+def _edited_copy(model_dir: str | Path, dest: Path, edit) -> Path:
+    """A copy of a model directory with ``edit(name, tensor)`` applied in place to every stored tensor."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -168,10 +152,27 @@ def nan_embeddings_copy(model_dir: str | Path, dest: Path, keep: list[int]) -> P
     for shard in dest.glob("*.safetensors"):
         tensors = load_file(shard)
         for name, t in tensors.items():
-            if name.endswith("embeddings.weight") or name.endswith("embed_tokens.weight"):
-                kept = t[keep].clone()
-                t.fill_(float("nan"))
-                t[keep] = kept
+            edit(name, t)
         save_file(tensors, shard, metadata={"format": "pt"})
     return dest
 
+
+def nan_lm_head_copy(model_dir: str | Path, dest: Path) -> Path:
+    """A copy of a model directory whose LM head is all NaN (non-finite logits, loadable weights)."""
+    def edit(name: str, t: torch.Tensor) -> None:
+        if name == "lm_head.weight":
+            t.fill_(float("nan"))
+
+    return _edited_copy(model_dir, dest, edit)
+
+
+def nan_embeddings_copy(model_dir: str | Path, dest: Path, keep: list[int]) -> Path:
+    """A copy of a model directory whose input embeddings are NaN for every token id but ``keep``: a
+    prompt of those ids gives finite logits, and decoding breaks at the first other token fed back."""
+    def edit(name: str, t: torch.Tensor) -> None:
+        if name.endswith(("embeddings.weight", "embed_tokens.weight")):
+            kept = t[keep].clone()
+            t.fill_(float("nan"))
+            t[keep] = kept
+
+    return _edited_copy(model_dir, dest, edit)
