@@ -196,31 +196,10 @@ def _check_logits(model, on: bool) -> None:
     generation.CHECK_DECODE_LOGITS = on
 
 
-_COMBINE = []  # the real triton_moe.combine_triton, once replaced
-
-
-def _combine_unnormed_bound(model, on: bool) -> None:
-    """A timing bound, not a path (its tokens are wrong): the decode MoE combine spread over its
-    column blocks without the next block's RMSNorm, its raw output passed on as if normalised. What a
-    combine that left the norm to the next projection (in_proj applying it on the fly) could save at
-    most."""
-    from nemotron_core.ops import triton_experts, triton_moe
-
-    if not _COMBINE:
-        _COMBINE.append(triton_moe.combine_triton)
-    real = _COMBINE[0]
-
-    def unnormed(*args, next_norm=None, **kwargs):
-        out = real(*args, **kwargs)
-        return out if next_norm is None else (out, out)
-
-    triton_experts.combine_triton = unnormed if on else real
-
-
 def _free_bound(module: str, name: str, fake):
     """A timing bound, not a path (its tokens are wrong): ``nemotron_core.<module>.<name>`` replaced by
-    ``fake(real, *args, **kwargs)``, which returns outputs of the right shapes without launching the
-    kernel: what that kernel costs the step at most."""
+    ``fake(real, *args, **kwargs)``, which returns outputs of the right shapes while skipping work (a
+    kernel, or part of one): what that work costs the step at most."""
     import importlib
 
     mod = importlib.import_module(f"nemotron_core.{module}")
@@ -246,6 +225,14 @@ def _fake_route(real, logits, bias, top_k, scaling, norm_topk_prob):
         ids = (torch.arange(n * top_k, device=logits.device) % n_exp).view(n, top_k)
         _FAKE_OUT[key] = (ids, torch.full((n, top_k), 1.0 / top_k, device=logits.device))
     return _FAKE_OUT[key]
+
+
+def _unnormed_combine(real, *args, next_norm=None, **kwargs):
+    """The decode MoE combine spread over its column blocks without the next block's RMSNorm, its raw
+    output passed on as if normalised: what a combine that left the norm to the next projection (in_proj
+    applying it on the fly) could save at most."""
+    out = real(*args, **kwargs)
+    return out if next_norm is None else (out, out)
 
 
 def _fake_mamba_step(real, zxbcdt, conv_state, conv_weight, conv_bias, ssm_state, *rest, **kw):
@@ -300,7 +287,7 @@ SWITCHES = {
     "shared_ahead": _shared_ahead, "route_pdl": _route_pdl, "mamba_early": _mamba_early, "down_early": _down_early,
     "gemv_early": _gemv_early, "route_rows": _route_rows, "linear": _linear, "fold_norms": _fold_norms,
     "decode_attn": _decode_attn, "greedy_in_graph": _greedy_in_graph, "null": _null, "check_logits": _check_logits,
-    "combine_unnormed_bound": _combine_unnormed_bound,
+    "combine_unnormed_bound": _free_bound("ops.triton_experts", "combine_triton", _unnormed_combine),
     "route_free_bound": _free_bound("ops.triton_moe", "route_triton", _fake_route),
     "mamba_step_free_bound": _free_bound("ops.triton_mamba_step", "mamba_step", _fake_mamba_step),
     "expert_autotuned": _expert_autotuned, "expert_64": _expert_64, "expert_64_256": _expert_64_256,
